@@ -1,0 +1,57 @@
+"""Argument validation with errors that name the argument, what was received and what was expected."""
+from __future__ import annotations
+
+import torch
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, floating: bool = False,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got {describe(t)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {describe(t)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {describe(t)}")
+    return t
+
+
+def check_no_nan(name: str, t: torch.Tensor) -> None:
+    # NaN has no sign: binarizing it would silently pick a bit.
+    if t.is_floating_point() and bool(torch.isnan(t).any()):
+        raise ValueError(f"{name}: contains NaN ({describe(t)}); binarization needs ordered values")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or Inf ({describe(t)}); expected finite values")
+
+
+def pair(name: str, value, *, minimum: int) -> tuple[int, int]:
+    """Normalise an int or (h, w) pair and check each entry >= minimum."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        values = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        values = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return values
+
+
+def conv_output_size(x_shape, kernel_size, stride, padding, x_name="x") -> tuple[int, int]:
+    """Output (OH, OW) of a convolution; errors when the kernel is larger than the padded input."""
+    height, width = x_shape[-2:]
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    if height + 2 * ph < kh or width + 2 * pw < kw:
+        raise ValueError(
+            f"kernel {kh}x{kw} is larger than the padded input of {x_name} "
+            f"({height}+2*{ph})x({width}+2*{pw}) (input shape {tuple(x_shape)})")
+    return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1

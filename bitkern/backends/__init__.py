@@ -1,0 +1,1 @@
+"""Interchangeable implementations of the bitkern ops; bitkern.dispatch picks one per device."""

@@ -1,0 +1,366 @@
+"""bitkern's operators, declared once with torch.library (namespace "bitkern").
+
+Each op has a real implementation that asks bitkern.dispatch for a backend (C++ / CUDA / Triton / pure
+torch), a fake implementation for meta/fake tensors (torch.compile, opcheck) and, where the output is
+differentiable, an autograd formula: the straight-through estimator (STE) of paper 000 Eq. 3.
+
+Public wrappers (validate, then call the op):
+  pack_signs(x)                                         -> int64 packed signs
+  binary_conv2d(x, w, stride=1, padding=0)              -> int32, == F.conv2d(sign(x), sign(w)) exactly
+  mbn_conv2d(x, w_bases, alpha, v, beta, stride, padding)            -> float32 (Eq. 2)
+  mbn_conv2d_packed(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding) -> float32
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, dispatch
+from .backends.torch_backend import activation_bases, unpack_weight_bases
+
+__all__ = ["pack_signs", "binary_conv2d", "mbn_conv2d", "mbn_conv2d_packed", "set_ste_mode", "ste_mode",
+           "get_ste_mode"]
+
+# ---------------------------------------------------------------------------------------------------
+# STE window: "clipped" is the paper's estimator (gradient passes where the binarizer's input lies in its
+# clip window); "identity" passes it everywhere: a surrogate used to check attacks for gradient masking.
+_STE_MODES = ("clipped", "identity")
+_ste = {"mode": "clipped"}
+
+
+def set_ste_mode(mode: str) -> None:
+    if mode not in _STE_MODES:
+        raise ValueError(f"mode: expected one of {_STE_MODES}, got {mode!r}")
+    _ste["mode"] = mode
+
+
+def get_ste_mode() -> str:
+    return _ste["mode"]
+
+
+@contextlib.contextmanager
+def ste_mode(mode: str):
+    previous = _ste["mode"]
+    set_ste_mode(mode)
+    try:
+        yield
+    finally:
+        _ste["mode"] = previous
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers shared by the ops
+
+def _out_size(x: Tensor, kernel_size, stride, padding):
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+
+
+def _empty_channels_last(shape, dtype, device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def _alpha2d(alpha: Tensor, num_bases: int, out_channels: int) -> Tensor:
+    return alpha.float().reshape(num_bases, -1).expand(num_bases, out_channels).contiguous()
+
+
+def _pack_weight_bases(backend, w_bases: Tensor) -> Tensor:
+    """float [M, Co, C, KH, KW] -> int64 [M, Co, KH, KW, Kw]."""
+    packed = backend.pack_signs(w_bases.flatten(0, 1).float().contiguous())
+    return packed.unflatten(0, w_bases.shape[:2])
+
+
+def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding) -> Tensor:
+    backend = dispatch.backend_for(x.device)
+    num_bases, out_channels = w_packed.shape[:2]
+    out, _ = backend.mbn_conv2d_packed(
+        x.float(), w_packed, in_channels, tuple(kernel_size), _alpha2d(alpha, num_bases, out_channels),
+        None if v is None else v.float().contiguous(), beta.float().contiguous(), tuple(stride),
+        tuple(padding))
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ops
+
+@torch.library.custom_op("bitkern::pack_signs", mutates_args=())
+def _pack_signs(x: Tensor) -> Tensor:
+    return dispatch.backend_for(x.device).pack_signs(x.float())
+
+
+@_pack_signs.register_fake
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[2], x.shape[3], -(-x.shape[1] // 64)), dtype=torch.int64)
+
+
+@torch.library.custom_op("bitkern::binary_conv2d", mutates_args=())
+def _binary_conv2d(x: Tensor, w: Tensor, stride: list[int], padding: list[int]) -> Tensor:
+    backend = dispatch.backend_for(x.device)
+    w_packed = backend.pack_signs(w.float().contiguous()).unsqueeze(0)
+    _, pairs = backend.mbn_conv2d_packed(x.float(), w_packed, w.shape[1], tuple(w.shape[2:]), None, None,
+                                         None, tuple(stride), tuple(padding), want_pairs=True)
+    return pairs[0, 0].contiguous(memory_format=torch.channels_last)
+
+
+@_binary_conv2d.register_fake
+def _(x, w, stride, padding):
+    oh, ow = _out_size(x, w.shape[2:], stride, padding)
+    return _empty_channels_last((x.shape[0], w.shape[0], oh, ow), torch.int32, x.device)
+
+
+@torch.library.custom_op("bitkern::mbn_pair_counts", mutates_args=())
+def _mbn_pair_counts(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size: list[int],
+                     v: Optional[Tensor], stride: list[int], padding: list[int]) -> Tensor:
+    """Exact per-pair +-1 convolutions, int32 [M, N, B, Co, OH, OW] (used by the alpha/beta gradients)."""
+    backend = dispatch.backend_for(x.device)
+    _, pairs = backend.mbn_conv2d_packed(x.float(), w_packed, in_channels, tuple(kernel_size), None,
+                                         None if v is None else v.float().contiguous(), None,
+                                         tuple(stride), tuple(padding), want_pairs=True)
+    return pairs.contiguous()
+
+
+@_mbn_pair_counts.register_fake
+def _(x, w_packed, in_channels, kernel_size, v, stride, padding):
+    oh, ow = _out_size(x, kernel_size, stride, padding)
+    num_act = 1 if v is None else v.shape[0]
+    return x.new_empty((w_packed.shape[0], num_act, x.shape[0], w_packed.shape[1], oh, ow),
+                       dtype=torch.int32)
+
+
+@torch.library.custom_op("bitkern::mbn_conv2d", mutates_args=())
+def _mbn_conv2d(x: Tensor, w_bases: Tensor, alpha: Tensor, v: Optional[Tensor], beta: Tensor,
+                stride: list[int], padding: list[int]) -> Tensor:
+    w_packed = _pack_weight_bases(dispatch.backend_for(x.device), w_bases)
+    return _run_mbn(x, w_packed, w_bases.shape[2], w_bases.shape[3:], alpha, v, beta, stride, padding)
+
+
+@_mbn_conv2d.register_fake
+def _(x, w_bases, alpha, v, beta, stride, padding):
+    oh, ow = _out_size(x, w_bases.shape[3:], stride, padding)
+    return _empty_channels_last((x.shape[0], w_bases.shape[1], oh, ow), torch.float32, x.device)
+
+
+@torch.library.custom_op("bitkern::mbn_conv2d_packed", mutates_args=())
+def _mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size: list[int],
+                       alpha: Tensor, v: Optional[Tensor], beta: Tensor, stride: list[int],
+                       padding: list[int]) -> Tensor:
+    return _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding)
+
+
+@_mbn_conv2d_packed.register_fake
+def _(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding):
+    oh, ow = _out_size(x, kernel_size, stride, padding)
+    return _empty_channels_last((x.shape[0], w_packed.shape[1], oh, ow), torch.float32, x.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# STE backward (paper 000 Eq. 3), shared by both float-weight and packed-weight ops
+
+def _ste_backward(grad, x, weights, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding,
+                  needs_x, needs_w, needs_alpha, needs_v, needs_beta, w_bases=None):
+    grad = grad.float()
+    xf = x.float()
+    num_bases, out_channels = weights.shape[:2]
+    alpha2d = _alpha2d(alpha, num_bases, out_channels)
+    clipped = _ste["mode"] == "clipped"
+    grad_x = grad_w = grad_alpha = grad_v = grad_beta = None
+
+    if needs_x or needs_v:
+        w_eff = (alpha2d[:, :, None, None, None] * weights).sum(0)
+        g_act = torch.nn.grad.conv2d_input(x.shape, w_eff, grad, stride, padding)
+        if v is None:  # sign(x): htanh STE window |x| <= 1
+            windows = [(xf.abs() <= 1) if clipped else torch.ones_like(xf, dtype=torch.bool)]
+        else:  # H_v(x): gradient of clip(x + v, 0, 1) is 1 inside [0, 1]
+            shifted = [xf + vn for vn in v.float()]
+            windows = [((s >= 0) & (s <= 1)) if clipped else torch.ones_like(s, dtype=torch.bool)
+                       for s in shifted]
+        per_base = [beta[n] * windows[n] * g_act for n in range(len(windows))]
+        if needs_x:
+            grad_x = sum(per_base).to(x.dtype)
+        if needs_v:
+            grad_v = torch.stack([p.sum() for p in per_base]).to(v.dtype)
+
+    if needs_w:
+        acts = activation_bases(xf, v)
+        act_mix = sum(beta[n] * a for n, a in enumerate(acts))
+        grad_weight = torch.nn.grad.conv2d_weight(act_mix, weights.shape[1:], grad, stride, padding)
+        grad_w = alpha2d[:, :, None, None, None] * grad_weight.unsqueeze(0)
+        if clipped:
+            grad_w = grad_w * (w_bases.abs() <= 1)
+        grad_w = grad_w.to(w_bases.dtype)
+
+    if needs_alpha or needs_beta:
+        pairs = _mbn_pair_counts(x, w_packed, in_channels, list(kernel_size), v, list(stride),
+                                 list(padding)).float()
+        per_channel = torch.einsum("mnbchw,bchw->mnc", pairs, grad)
+        if needs_alpha:
+            grad_alpha2d = torch.einsum("mnc,n->mc", per_channel, beta.float())
+            grad_alpha = (grad_alpha2d if alpha.dim() == 2 else grad_alpha2d.sum(1)).to(alpha.dtype)
+        if needs_beta:
+            grad_beta = torch.einsum("mnc,mc->n", per_channel, alpha2d).to(beta.dtype)
+    return grad_x, grad_w, grad_alpha, grad_v, grad_beta
+
+
+def _setup_mbn(ctx, inputs, output):
+    x, w_bases, alpha, v, beta, stride, padding = inputs
+    ctx.save_for_backward(x, w_bases, alpha, v, beta)
+    ctx.stride, ctx.padding = stride, padding
+
+
+def _backward_mbn(ctx, grad):
+    x, w_bases, alpha, v, beta = ctx.saved_tensors
+    needs_x, needs_w, needs_alpha, needs_v, needs_beta = ctx.needs_input_grad[:5]
+    weights = torch.where(w_bases >= 0, 1.0, -1.0).float()
+    w_packed = None
+    if needs_alpha or needs_beta:
+        w_packed = _pack_signs(w_bases.flatten(0, 1).float().contiguous()).unflatten(0, w_bases.shape[:2])
+    grads = _ste_backward(grad, x, weights, w_packed, w_bases.shape[2], w_bases.shape[3:], alpha, v, beta,
+                          ctx.stride, ctx.padding, needs_x, needs_w, needs_alpha, needs_v, needs_beta,
+                          w_bases=w_bases)
+    return (*grads, None, None)
+
+
+_mbn_conv2d.register_autograd(_backward_mbn, setup_context=_setup_mbn)
+
+
+def _setup_packed(ctx, inputs, output):
+    x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding = inputs
+    ctx.save_for_backward(x, w_packed, alpha, v, beta)
+    ctx.in_channels, ctx.kernel_size, ctx.stride, ctx.padding = in_channels, kernel_size, stride, padding
+
+
+def _backward_packed(ctx, grad):
+    x, w_packed, alpha, v, beta = ctx.saved_tensors
+    needs_x, _, _, _, needs_alpha, needs_v, needs_beta = ctx.needs_input_grad[:7]
+    weights = unpack_weight_bases(w_packed, ctx.in_channels)
+    grad_x, _, grad_alpha, grad_v, grad_beta = _ste_backward(
+        grad, x, weights, w_packed, ctx.in_channels, ctx.kernel_size, alpha, v, beta, ctx.stride,
+        ctx.padding, needs_x, False, needs_alpha, needs_v, needs_beta)
+    return grad_x, None, None, None, grad_alpha, grad_v, grad_beta, None, None
+
+
+_mbn_conv2d_packed.register_autograd(_backward_packed, setup_context=_setup_packed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public wrappers: validation with clear errors, then the op
+
+def _check_same_device(x: Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} (like x), got {_checks.describe(t)}")
+
+
+def _check_activation_args(x, v, beta, num_act_name="v"):
+    if v is not None:
+        _checks.check_tensor("v", v, ndim=1, floating=True)
+        if v.numel() == 0:
+            raise ValueError(f"v: expected at least one activation shift, got {_checks.describe(v)}")
+        _checks.check_finite("v", v)
+    num_act = 1 if v is None else v.shape[0]
+    if beta is None:
+        beta = torch.ones(num_act, device=x.device)
+    _checks.check_tensor("beta", beta, ndim=1, floating=True)
+    if beta.shape[0] != num_act:
+        expected = "1 (v is None: sign activations)" if v is None else f"{num_act} (one per shift in v)"
+        raise ValueError(f"beta: expected shape [{expected}], got {_checks.describe(beta)}")
+    _checks.check_finite("beta", beta)
+    return beta
+
+
+def _check_alpha(alpha, num_bases, out_channels):
+    _checks.check_tensor("alpha", alpha, floating=True)
+    if tuple(alpha.shape) not in ((num_bases,), (num_bases, out_channels)):
+        raise ValueError(f"alpha: expected shape [{num_bases}] or [{num_bases}, {out_channels}] "
+                         f"(per base, or per base and output channel), got {_checks.describe(alpha)}")
+    _checks.check_finite("alpha", alpha)
+
+
+def _check_input(x, in_channels, kernel_size, stride, padding, weight_name):
+    _checks.check_tensor("x", x, ndim=4, floating=True)
+    if x.shape[1] != in_channels:
+        raise ValueError(f"x: expected {in_channels} input channels (from {weight_name}), "
+                         f"got {_checks.describe(x)}")
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got {_checks.describe(x)}")
+    _checks.check_no_nan("x", x)
+    _checks.conv_output_size(x.shape, kernel_size, stride, padding)
+
+
+def pack_signs(x: Tensor) -> Tensor:
+    """Pack sign bits along dim 1: [B, C, H, W] -> int64 [B, H, W, ceil(C/64)]; [Co, C] -> [Co, ceil(C/64)].
+
+    Bit c % 64 of word c // 64 is 1 where x >= 0 (sign(0) = +1).
+    """
+    _checks.check_tensor("x", x, floating=True)
+    if x.dim() not in (2, 4):
+        raise ValueError(f"x: expected a 2-d [rows, C] or 4-d [B, C, H, W] tensor, got {_checks.describe(x)}")
+    _checks.check_no_nan("x", x)
+    if x.dim() == 2:
+        return _pack_signs(x[:, :, None, None]).flatten(1)
+    return _pack_signs(x)
+
+
+def binary_conv2d(x: Tensor, w: Tensor, stride=1, padding=0) -> Tensor:
+    """Exactly F.conv2d(sign(x), sign(w), stride=stride, padding=padding) (zero padding), as int32.
+
+    x: float [B, C, H, W]; w: float [Co, C, KH, KW]. Not differentiable (integer output).
+    """
+    _checks.check_tensor("w", w, ndim=4, floating=True)
+    stride = _checks.pair("stride", stride, minimum=1)
+    padding = _checks.pair("padding", padding, minimum=0)
+    _check_input(x, w.shape[1], w.shape[2:], stride, padding, f"w of shape {tuple(w.shape)}")
+    _check_same_device(x, w=w)
+    _checks.check_no_nan("w", w)
+    return _binary_conv2d(x, w, list(stride), list(padding))
+
+
+def mbn_conv2d(x: Tensor, w_bases: Tensor, alpha: Tensor, v: Tensor | None = None,
+               beta: Tensor | None = None, stride=1, padding=0) -> Tensor:
+    """Multi-bit conv (paper 000 Eq. 2): sum_m sum_n alpha_m beta_n conv(sign(B_m), H_{v_n}(x)).
+
+    x: float [B, C, H, W]; w_bases: float [M, Co, C, KH, KW] (sign taken: >= 0 -> +1); alpha: [M] or
+    [M, Co]; v: [N] activation shifts, H_v(x) = sign(clip(x + v, 0, 1) - 0.5), or None for sign(x) (N = 1,
+    XNOR-Net); beta: [N] or None (ones). Returns float32 [B, Co, OH, OW] (channels_last memory format).
+    STE gradients for x, w_bases, v; exact gradients for alpha and beta.
+    """
+    _checks.check_tensor("w_bases", w_bases, ndim=5, floating=True)
+    num_bases, out_channels = w_bases.shape[:2]
+    if num_bases == 0 or out_channels == 0:
+        raise ValueError(f"w_bases: expected [M >= 1, Co >= 1, C, KH, KW], got {_checks.describe(w_bases)}")
+    stride = _checks.pair("stride", stride, minimum=1)
+    padding = _checks.pair("padding", padding, minimum=0)
+    _check_input(x, w_bases.shape[2], w_bases.shape[3:], stride, padding,
+                 f"w_bases of shape {tuple(w_bases.shape)}")
+    _checks.check_no_nan("w_bases", w_bases)
+    _check_alpha(alpha, num_bases, out_channels)
+    beta = _check_activation_args(x, v, beta)
+    _check_same_device(x, w_bases=w_bases, alpha=alpha, v=v, beta=beta)
+    return _mbn_conv2d(x, w_bases, alpha, v, beta, list(stride), list(padding))
+
+
+def mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size, alpha: Tensor,
+                      v: Tensor | None = None, beta: Tensor | None = None, stride=1, padding=0) -> Tensor:
+    """mbn_conv2d with pre-packed weight bases w_packed: int64 [M, Co, KH, KW, ceil(in_channels/64)].
+
+    Differentiable with respect to x, alpha, v and beta (inference and attacks on frozen models).
+    """
+    _checks.check_tensor("w_packed", w_packed, ndim=5, dtype=torch.int64)
+    kernel_size = _checks.pair("kernel_size", kernel_size, minimum=1)
+    words = -(-in_channels // 64)
+    expected = (kernel_size[0], kernel_size[1], words)
+    if tuple(w_packed.shape[2:]) != expected or min(w_packed.shape[:2]) == 0:
+        raise ValueError(f"w_packed: expected shape [M, Co, {expected[0]}, {expected[1]}, {words}] for "
+                         f"in_channels={in_channels}, kernel_size={kernel_size}, got "
+                         f"{_checks.describe(w_packed)}")
+    stride = _checks.pair("stride", stride, minimum=1)
+    padding = _checks.pair("padding", padding, minimum=0)
+    _check_input(x, in_channels, kernel_size, stride, padding, "in_channels")
+    _check_alpha(alpha, *w_packed.shape[:2])
+    beta = _check_activation_args(x, v, beta)
+    _check_same_device(x, w_packed=w_packed, alpha=alpha, v=v, beta=beta)
+    return _mbn_conv2d_packed(x, w_packed, in_channels, list(kernel_size), alpha, v, beta, list(stride),
+                              list(padding))

@@ -1,0 +1,86 @@
+// Shared declarations of the bitkern CPU engine (no torch headers: raw buffers only).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BK_X86 1
+// Function-level ISA targets: the translation units stay baseline x86-64; runtime CPUID picks a path.
+#define BK_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,popcnt,fma")))
+#define BK_TARGET_AVX2 __attribute__((target("avx2,fma,popcnt")))
+#else
+#define BK_X86 0
+#endif
+
+namespace bk {
+
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// CPU + OS support (CPUID feature bits and XSAVE-enabled register state).
+bool cpu_supports(Isa isa);
+std::vector<std::string> isa_supported();  // best first, "scalar" always last
+// Parses "avx512" / "avx2" / "scalar"; throws std::invalid_argument for unknown or unsupported names.
+Isa parse_isa(const std::string& name);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Activation binarization mode (docs/architecture.md): sign: bit = x >= 0; hv: bit = fl32(x + v) >= 0.5.
+enum PackMode { kModeSign = 0, kModeHv = 1 };
+
+// Packs float activations [B, C, H, W] (NCHW or channels_last physical layout) into
+// dst [N][B][H + 2ph][W + 2pw][Kw] uint64 words, one base per shift v[n]; padded words are zero.
+struct PackJob {
+  const float* x;
+  int64_t B, C, H, W;
+  bool channels_last;
+  int mode;
+  const float* v;  // [N] shifts (mode hv); ignored for mode sign
+  int64_t N;
+  uint64_t* dst;
+  int64_t ph, pw;
+  int64_t Kw, Hp, Wp;
+};
+
+// Packs padded rows [r0, r1) of the flattened (b, hp) row index space, all N bases.
+void pack_rows(const PackJob& job, Isa isa, int64_t r0, int64_t r1);
+
+// Everything the binary GEMM needs; built once per call by conv.cpp.
+struct ConvPlan {
+  int64_t B, C, H, W, Kw, Hp, Wp;
+  int64_t M, Co, Cop, MCp;  // Cop = Co rounded up to 8; MCp = M * Cop GEMM columns
+  int64_t KH, KW, sh, sw, ph, pw, OH, OW, P;  // P = B * OH * OW output pixels
+  int64_t N, K;  // K = KH * KW * Kw words per output pixel
+  int64_t R;  // pixels per register block
+  const uint64_t* act;    // [N][B][Hp][Wp][Kw]
+  const uint64_t* wt;     // [K][MCp], 64-byte aligned
+  const int32_t* base;    // [n_row_cls * n_col_cls][MCp]: KH*KW*C - padding correction
+  const int32_t* row_cls; // [OH]
+  const int32_t* col_cls; // [OW]
+  int64_t n_col_cls;
+  const float* scale;     // [N][MCp] alpha[m, co] * beta[n], 0 on padded columns
+  const int32_t* vec_m;   // [MCp / 8] weight base of each 8-column group
+  const int32_t* vec_co;  // [MCp / 8] first output channel of each 8-column group
+  float* out;             // [P][Co] or null
+  int32_t* pairs;         // [M][N][P][Co] or null
+};
+
+// Gathers the activation words of pixels [pix0, pix0 + npix) for base n into panel[K][R]
+// (rows >= npix zero) and their padding classes into cls[R].
+void build_panel(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix, uint64_t* panel,
+                 int32_t* cls);
+
+// Processes pixel blocks [blk0, blk1) (block = R consecutive output pixels), all n and columns.
+void conv_blocks_scalar(const ConvPlan& p, int64_t blk0, int64_t blk1);
+#if BK_X86
+void conv_blocks_avx2(const ConvPlan& p, int64_t blk0, int64_t blk1);
+void conv_blocks_avx512(const ConvPlan& p, int64_t blk0, int64_t blk1);
+#endif
+
+// Register block height (pixels) per ISA for a given number of 8-column groups.
+int64_t block_rows(Isa isa, int64_t n_vec8);
+
+}  // namespace bk

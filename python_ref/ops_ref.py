@@ -1,0 +1,191 @@
+"""Reference semantics of bitkern's ops in numpy, with explicit loops (no torch, no compiled code).
+
+Conventions (docs/architecture.md): sign(t) = +1 if t >= 0 else -1; H_v(x) = sign(clip(x + v, 0, 1) - 0.5)
+with x + v in float32; packing puts channel c in word c // 64, bit c % 64; zero padding means padded taps
+contribute nothing to the +-1 convolution.
+"""
+import numpy as np
+
+
+def sign(t):
+    """+1 where t >= 0 (including -0.0), else -1, as int64."""
+    return np.where(np.asarray(t) >= 0, 1, -1).astype(np.int64)
+
+
+def hv_sign(x, v):
+    """ABC-Net activation base H_v(x) = sign(clip(x + v, 0, 1) - 0.5), the sum rounded to float32."""
+    shifted = np.asarray(x, dtype=np.float32) + np.float32(v)
+    clipped = np.clip(shifted, np.float32(0), np.float32(1))
+    return sign(clipped - np.float32(0.5))
+
+
+def pack_signs_ref(x):
+    """float [B, C, H, W] -> int64 [B, H, W, ceil(C/64)]: bit c%64 of word c//64 is 1 where x >= 0."""
+    x = np.asarray(x)
+    batch, channels, height, width = x.shape
+    words = -(-channels // 64)
+    packed = np.zeros((batch, height, width, words), dtype=np.uint64)
+    for c in range(channels):
+        bit = (x[:, c] >= 0).astype(np.uint64) << np.uint64(c % 64)
+        packed[..., c // 64] |= bit
+    return packed.view(np.int64)
+
+
+def unpack_signs_ref(packed, channels):
+    """Inverse of pack_signs_ref: int64 [B, H, W, Kw] -> int64 +-1 [B, channels, H, W]."""
+    words = np.asarray(packed).view(np.uint64)
+    out = np.empty((words.shape[0], channels) + words.shape[1:3], dtype=np.int64)
+    for c in range(channels):
+        bit = (words[..., c // 64] >> np.uint64(c % 64)) & np.uint64(1)
+        out[:, c] = np.where(bit == 1, 1, -1)
+    return out
+
+
+def _pair(value):
+    return (value, value) if np.isscalar(value) else tuple(value)
+
+
+def _conv_pm1(act, weight, stride, padding):
+    """Integer convolution of +-1 maps with zero padding, by explicit loops over output positions and taps.
+
+    act: int [B, C, H, W]; weight: int [Co, C, KH, KW]. Returns int64 [B, Co, OH, OW].
+    """
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    batch, channels, height, width = act.shape
+    out_channels, _, kh_size, kw_size = weight.shape
+    oh_size = (height + 2 * ph - kh_size) // sh + 1
+    ow_size = (width + 2 * pw - kw_size) // sw + 1
+    out = np.zeros((batch, out_channels, oh_size, ow_size), dtype=np.int64)
+    for oh in range(oh_size):
+        for ow in range(ow_size):
+            for kh in range(kh_size):
+                ih = oh * sh - ph + kh
+                if not 0 <= ih < height:
+                    continue  # padded row: contributes 0
+                for kw in range(kw_size):
+                    iw = ow * sw - pw + kw
+                    if not 0 <= iw < width:
+                        continue  # padded column: contributes 0
+                    # [B, C] x [Co, C] -> [B, Co]
+                    out[:, :, oh, ow] += act[:, :, ih, iw] @ weight[:, :, kh, kw].T
+    return out
+
+
+def _conv_transpose_pm1(grad_out, weight, input_shape, stride, padding):
+    """Adjoint of _conv_pm1 with respect to its input (float), by loops."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    _, _, height, width = input_shape
+    _, _, kh_size, kw_size = weight.shape
+    grad_in = np.zeros(input_shape, dtype=np.float64)
+    for oh in range(grad_out.shape[2]):
+        for ow in range(grad_out.shape[3]):
+            for kh in range(kh_size):
+                ih = oh * sh - ph + kh
+                if not 0 <= ih < height:
+                    continue
+                for kw in range(kw_size):
+                    iw = ow * sw - pw + kw
+                    if not 0 <= iw < width:
+                        continue
+                    grad_in[:, :, ih, iw] += grad_out[:, :, oh, ow] @ weight[:, :, kh, kw]
+    return grad_in
+
+
+def _conv_weight_grad(act, grad_out, weight_shape, stride, padding):
+    """Gradient of sum(grad_out * conv(act, W)) with respect to W, by loops."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    _, _, height, width = act.shape
+    grad_w = np.zeros(weight_shape, dtype=np.float64)
+    _, _, kh_size, kw_size = weight_shape
+    for oh in range(grad_out.shape[2]):
+        for ow in range(grad_out.shape[3]):
+            for kh in range(kh_size):
+                ih = oh * sh - ph + kh
+                if not 0 <= ih < height:
+                    continue
+                for kw in range(kw_size):
+                    iw = ow * sw - pw + kw
+                    if not 0 <= iw < width:
+                        continue
+                    grad_w[:, :, kh, kw] += grad_out[:, :, oh, ow].T @ act[:, :, ih, iw]
+    return grad_w
+
+
+def binary_conv2d_ref(x, w, stride=1, padding=0):
+    """Exact F.conv2d(sign(x), sign(w), stride, padding) with zero padding, as int64."""
+    return _conv_pm1(sign(x), sign(w), stride, padding)
+
+
+def _activation_bases(x, v):
+    """List of +-1 activation bases: [sign(x)] when v is None, else [H_{v_n}(x) for each n]."""
+    if v is None:
+        return [sign(x)]
+    return [hv_sign(x, vn) for vn in np.asarray(v, dtype=np.float32).reshape(-1)]
+
+
+def _alpha2d(alpha, num_bases, out_channels):
+    alpha = np.asarray(alpha, dtype=np.float64)
+    return np.broadcast_to(alpha.reshape(num_bases, -1), (num_bases, out_channels))
+
+
+def mbn_pairs_ref(x, w_bases, v, stride=1, padding=0):
+    """Per-pair +-1 convolutions conv(sign(B_m), act_n) as int64 [M, N, B, Co, OH, OW]."""
+    acts = _activation_bases(x, v)
+    return np.stack([np.stack([_conv_pm1(a, sign(wm), stride, padding) for a in acts])
+                     for wm in np.asarray(w_bases)])
+
+
+def mbn_conv2d_ref(x, w_bases, alpha, v, beta, stride=1, padding=0):
+    """sum_m sum_n alpha_m * beta_n * conv(sign(B_m), act_n), in float64 (paper 000 Eq. 2)."""
+    pairs = mbn_pairs_ref(x, w_bases, v, stride, padding)
+    num_w, num_a = pairs.shape[:2]
+    alpha2d = _alpha2d(alpha, num_w, pairs.shape[3])
+    beta = np.ones(num_a) if beta is None else np.asarray(beta, dtype=np.float64).reshape(-1)
+    out = np.zeros(pairs.shape[2:], dtype=np.float64)
+    for m in range(num_w):
+        for n in range(num_a):
+            out += alpha2d[m][None, :, None, None] * beta[n] * pairs[m, n]
+    return out
+
+
+def mbn_conv2d_grads_ref(x, w_bases, alpha, v, beta, grad_out, stride=1, padding=0):
+    """STE gradients of sum(grad_out * mbn_conv2d(...)) (paper 000 Eq. 3), as a dict of float64 arrays.
+
+    Activation STE: d H_v(x) / dx = 1[0 <= x + v <= 1]; sign mode (v None): d sign(x) / dx = 1[|x| <= 1].
+    Weight STE: d sign(w) / dw = 1[|w| <= 1]. alpha and beta gradients are exact.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    w_bases = np.asarray(w_bases, dtype=np.float32)
+    grad_out = np.asarray(grad_out, dtype=np.float64)
+    num_w, out_channels = w_bases.shape[:2]
+    alpha_in = np.asarray(alpha, dtype=np.float64)
+    alpha2d = _alpha2d(alpha_in, num_w, out_channels)
+    acts = _activation_bases(x, v)
+    beta_arr = np.ones(len(acts)) if beta is None else np.asarray(beta, dtype=np.float64).reshape(-1)
+    signs_w = [sign(wm) for wm in w_bases]
+    w_eff = sum(alpha2d[m][:, None, None, None] * signs_w[m] for m in range(num_w))
+    g_act = _conv_transpose_pm1(grad_out, w_eff, x.shape, stride, padding)
+
+    if v is None:
+        windows = [(np.abs(x) <= 1).astype(np.float64)]
+    else:
+        shifted = [x + np.float32(vn) for vn in np.asarray(v, dtype=np.float32).reshape(-1)]
+        windows = [((s >= 0) & (s <= 1)).astype(np.float64) for s in shifted]
+    grad_x = sum(beta_arr[n] * windows[n] * g_act for n in range(len(acts)))
+    grads = {"x": grad_x}
+    if v is not None:
+        grads["v"] = np.array([np.sum(beta_arr[n] * windows[n] * g_act) for n in range(len(acts))])
+
+    act_mix = sum(beta_arr[n] * acts[n] for n in range(len(acts)))
+    grad_wm = _conv_weight_grad(act_mix, grad_out, w_bases.shape[1:], stride, padding)
+    grads["w_bases"] = np.stack([alpha2d[m][:, None, None, None] * grad_wm * (np.abs(w_bases[m]) <= 1)
+                                 for m in range(num_w)])
+
+    pairs = mbn_pairs_ref(x, w_bases, v, stride, padding).astype(np.float64)
+    # d out / d alpha[m, co] = sum_n beta_n * pairs[m, n, :, co]; d out / d beta_n = sum_m alpha[m, co] pairs
+    per_channel = np.einsum("mnbchw,bchw->mnc", pairs, grad_out)
+    grad_alpha2d = np.einsum("mnc,n->mc", per_channel, beta_arr)
+    grads["alpha"] = grad_alpha2d.reshape(alpha_in.shape) if alpha_in.ndim == 2 else grad_alpha2d.sum(1)
+    if beta is not None:
+        grads["beta"] = np.einsum("mnc,mc->n", per_channel, alpha2d)
+    return grads

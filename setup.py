@@ -1,0 +1,43 @@
+"""Build the CPU extension bitkern._C (pybind11, no torch headers).
+
+The CUDA extension is opt-in: BITKERN_BUILD_CUDA=1 pip install -e . --no-build-isolation
+(it needs a CUDA build of torch in the build environment, hence no isolation).
+"""
+import glob
+import os
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+cpu_sources = sorted(glob.glob("csrc/*.cpp"))
+ext_modules = [
+    Pybind11Extension(
+        "bitkern._C",
+        cpu_sources,
+        include_dirs=["csrc"],
+        cxx_std=17,
+        # ISA-specific kernels use function-level target attributes, so the baseline stays x86-64
+        # and runtime dispatch picks AVX-512 / AVX2 / scalar.
+        extra_compile_args=["-O3", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"],
+        extra_link_args=["-pthread"],
+    )
+]
+
+if os.environ.get("BITKERN_BUILD_CUDA") == "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as exc:  # pragma: no cover - only with BITKERN_BUILD_CUDA=1
+        sys.exit(f"BITKERN_BUILD_CUDA=1 needs torch with CUDA in the build env ({exc}); "
+                 "use pip install -e . --no-build-isolation")
+    ext_modules.append(
+        CUDAExtension(
+            "bitkern._C_cuda",
+            sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
+            include_dirs=[os.path.abspath("csrc/cuda")],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+        )
+    )
+    build_ext = BuildExtension  # noqa: F811
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
