@@ -8,7 +8,6 @@ globals a CIFAR batch needs, so a hostile pickle cannot run code.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import struct

@@ -8,15 +8,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_BIT_WEIGHTS = {}
-
 
 def _bit_weights(device) -> torch.Tensor:
-    """int64 [64] with 1 << i (bit 63 is the sign bit: the int64 pattern of uint64 1 << 63)."""
-    if device not in _BIT_WEIGHTS:
-        _BIT_WEIGHTS[device] = torch.bitwise_left_shift(
-            torch.ones(64, dtype=torch.int64, device=device), torch.arange(64, device=device))
-    return _BIT_WEIGHTS[device]
+    """int64 [64] with 1 << i (bit 63 is the sign bit: the int64 pattern of uint64 1 << 63).
+
+    Built per call (64 elements) rather than cached, so it is a fake tensor under fake/meta tracing."""
+    return torch.bitwise_left_shift(torch.ones(64, dtype=torch.int64, device=device),
+                                    torch.arange(64, device=device))
 
 
 def binarize(x: torch.Tensor, mode: str = "sign", v: float | torch.Tensor = 0.0) -> torch.Tensor:

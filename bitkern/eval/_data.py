@@ -1,0 +1,46 @@
+"""Batches from a torch Dataset or an (x, y) tensor pair, validated."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..attacks._validate import check_inputs
+
+
+def data_size(data) -> int:
+    if _is_pair(data):
+        return int(data[0].shape[0])
+    if isinstance(data, Dataset) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        return len(data)
+    raise TypeError(f"data must be a torch Dataset or an (x, y) tensor pair, got {type(data).__name__}")
+
+
+def _is_pair(data) -> bool:
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data))
+
+
+def iter_batches(data, batch_size: int, device):
+    """Yield validated (x [b, ...] float in [0, 1], y int64 [b]) on ``device``."""
+    n = data_size(data)
+    if n == 0:
+        raise ValueError("data is empty: nothing to evaluate")
+    if _is_pair(data):
+        x, y = data
+        if y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"data: x has {x.shape[0]} examples but y has shape {tuple(y.shape)}")
+        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size))
+    else:
+        batches = iter(DataLoader(data, batch_size=batch_size, shuffle=False))
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("data: every item must be an (image, label) pair")
+        xb, yb = batch[0], batch[1]
+        if not isinstance(yb, torch.Tensor):
+            yb = torch.as_tensor(yb)
+        xb, yb = check_inputs(xb, yb, "data images", "data labels")
+        yield xb.to(device), yb.to(device)
+
+
+def num_batches(data, batch_size: int) -> int:
+    return -(-data_size(data) // batch_size)

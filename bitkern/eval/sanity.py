@@ -1,0 +1,183 @@
+"""Computed sanity checks for a robustness evaluation (Carlini et al. 2019, "On evaluating
+adversarial robustness", Sec. 5 checklist). Every check returns passed True/False (None = skipped)
+plus the numbers it used, so a reader can judge it."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..attacks import FGSM, GN, PGD
+from ..attacks.base import frozen_state
+
+# Thresholds (documented in docs/robustness.md).
+MAX_ZERO_GRAD_EXAMPLES = 0.05   # fraction of examples whose whole input gradient is exactly 0
+MAX_ZERO_GRAD_ELEMENTS = 0.50   # fraction of input gradient elements exactly 0
+LARGE_EPS_MAX_ACC = 5.0         # accuracy (%) PGD must reach at a huge budget
+
+
+def check(name, passed, numbers=None, message=""):
+    return {"name": name, "passed": None if passed is None else bool(passed),
+            "numbers": numbers or {}, "message": message}
+
+
+def tolerance_pp(n: int, tol_pp: float) -> float:
+    """A rise is tolerated up to tol_pp or 2 examples, whichever is larger (small subsets are noisy)."""
+    return max(tol_pp, 200.0 / max(n, 1))
+
+
+def zero_gradient_check(model, x, y):
+    with frozen_state([model]), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xg), y, reduction="sum")
+        grad = torch.autograd.grad(loss, xg, allow_unused=True)[0] if loss.requires_grad else None
+    if grad is None:
+        grad = torch.zeros_like(x)
+    zero = grad == 0
+    elem = float(zero.float().mean())
+    examples = float(zero.flatten(1).all(dim=1).float().mean())
+    passed = examples <= MAX_ZERO_GRAD_EXAMPLES and elem <= MAX_ZERO_GRAD_ELEMENTS
+    return check("zero_input_gradient", passed,
+                 {"zero_element_fraction": elem, "zero_example_fraction": examples},
+                 "" if passed else "input gradients are (mostly) exactly zero: gradient masking; "
+                 "attack with a surrogate (BPDA) before trusting the numbers")
+
+
+def curve_check(name, mean_curve, worst_curve, n, tol_pp):
+    """Accuracy must not rise with more iterations (beyond noise)."""
+    tol = tolerance_pp(n, tol_pp)
+    rises = {}
+    for label, curve in (("mean", mean_curve), ("worst", worst_curve)):
+        c = np.asarray(curve, dtype=np.float64)
+        rises[f"max_rise_{label}_pp"] = float((c - np.minimum.accumulate(c)).max()) if c.size else 0.0
+    passed = all(v <= tol for v in rises.values())
+    return check(name, passed, {**rises, "tolerance_pp": tol,
+                                "first_pp": float(mean_curve[0]), "last_pp": float(mean_curve[-1])},
+                 "" if passed else "accuracy rises with more iterations: step size too large or "
+                 "noisy/obfuscated gradients")
+
+
+def ordering_check(name, strong_acc, weak_acc, n, tol_pp, strong="pgd", weak="other"):
+    tol = tolerance_pp(n, tol_pp)
+    passed = strong_acc <= weak_acc + tol
+    return check(name, passed, {f"{strong}_acc": strong_acc, f"{weak}_acc": weak_acc, "tolerance_pp": tol},
+                 "" if passed else f"{weak} is stronger than {strong}: the gradient attack is not working")
+
+
+def _accuracy(model, x_adv, y):
+    with frozen_state([model]), torch.no_grad():
+        return float((model(x_adv).argmax(1) == y).float().mean() * 100.0)
+
+
+def _pgd(model, x, y, eps, alpha, steps, seed, restarts=1, record=False):
+    atk = PGD(model, eps, alpha, steps, random_start=True, seed=seed)
+    return atk.run(x, y, restarts=restarts, record=record)
+
+
+def sanity_report(model, x, y, *, eps, alpha, steps, restarts=2, seed=0, transfer=None,
+                  eps_factors=(1, 4, 16), large_eps=0.5, tol_pp=1.0) -> dict:
+    """Run the computed checks on (x, y) (a subset: this costs ~ (restarts + 5) PGD runs).
+
+    eps/alpha/steps: the main PGD threat model. transfer: optional Transfer attack (white-box must be
+    at least as strong). Returns {"passed", "n_examples", "checks": [...]}.
+    """
+    n = int(x.shape[0])
+    checks = [zero_gradient_check(model, x, y)]
+    steps = max(int(steps), 1)
+
+    out = _pgd(model, x, y, eps, alpha, steps, seed, restarts=restarts, record=True)
+    curves = out.curves.float()                                   # [R, T+1, N]
+    mean_curve = (curves.mean(dim=2).mean(dim=0) * 100).tolist()
+    worst_curve = (out.curves.all(dim=0).float().mean(dim=1) * 100).tolist()
+    checks.append(curve_check("iterations_non_increasing", mean_curve, worst_curve, n, tol_pp))
+    pgd_acc = float(out.correct.float().mean() * 100)
+
+    # accuracy must fall towards 0 as the budget grows
+    runs = []                                                    # (budget, step size, steps)
+    for k in eps_factors:
+        b = min(1.0, k * eps)
+        if b > 0 and all(b != r[0] for r in runs):
+            runs.append((b, min(1.0, alpha * k), steps))
+    big_steps = max(steps, 10)
+    runs.append((float(large_eps), 2.5 * float(large_eps) / big_steps, big_steps))
+    budgets = [r[0] for r in runs]
+    accs = [float(_pgd(model, x, y, b, a, t, seed + 1).correct.float().mean() * 100) for b, a, t in runs]
+    tol = tolerance_pp(n, tol_pp)
+    rises = {}
+    for label, curve in (("mean", mean_curve), ("worst", worst_curve)):
+        c = np.asarray(curve, dtype=np.float64)
+        rises[f"max_rise_{label}_pp"] = float((c - np.minimum.accumulate(c)).max()) if c.size else 0.0
+    passed = all(v <= tol for v in rises.values())
+    return check(name, passed, {**rises, "tolerance_pp": tol,
+                                "first_pp": float(mean_curve[0]), "last_pp": float(mean_curve[-1])},
+                 "" if passed else "accuracy rises with more iterations: step size too large or "
+                 "noisy/obfuscated gradients")
+
+
+def ordering_check(name, strong_acc, weak_acc, n, tol_pp, strong="pgd", weak="other"):
+    tol = tolerance_pp(n, tol_pp)
+    passed = strong_acc <= weak_acc + tol
+    return check(name, passed, {f"{strong}_acc": strong_acc, f"{weak}_acc": weak_acc, "tolerance_pp": tol},
+                 "" if passed else f"{weak} is stronger than {strong}: the gradient attack is not working")
+
+
+def _accuracy(model, x_adv, y):
+    with frozen_state([model]), torch.no_grad():
+        return float((model(x_adv).argmax(1) == y).float().mean() * 100.0)
+
+
+def _pgd(model, x, y, eps, alpha, steps, seed, restarts=1, record=False):
+    atk = PGD(model, eps, alpha, steps, random_start=True, seed=seed)
+    return atk.run(x, y, restarts=restarts, record=record)
+
+
+def sanity_report(model, x, y, *, eps, alpha, steps, restarts=2, seed=0, transfer=None,
+                  eps_factors=(1, 4, 16), large_eps=0.5, tol_pp=1.0) -> dict:
+    """Run the computed checks on (x, y) (a subset: this costs ~ (restarts + 5) PGD runs).
+
+    eps/alpha/steps: the main PGD threat model. transfer: optional Transfer attack (white-box must be
+    at least as strong). Returns {"passed", "n_examples", "checks": [...]}.
+    """
+    n = int(x.shape[0])
+    checks = [zero_gradient_check(model, x, y)]
+    steps = max(int(steps), 1)
+
+    out = _pgd(model, x, y, eps, alpha, steps, seed, restarts=restarts, record=True)
+    curves = out.curves.float()                                   # [R, T+1, N]
+    mean_curve = (curves.mean(dim=2).mean(dim=0) * 100).tolist()
+    worst_curve = (out.curves.all(dim=0).float().mean(dim=1) * 100).tolist()
+    checks.append(curve_check("iterations_non_increasing", mean_curve, worst_curve, n, tol_pp))
+    pgd_acc = float(out.correct.float().mean() * 100)
+
+    # accuracy must fall towards 0 as the budget grows
+    budgets = sorted({min(1.0, k * eps) for k in eps_factors if k * eps > 0} | {float(large_eps)})
+    accs = []
+    for b in budgets:
+        a = alpha * b / eps if eps > 0 else 2.5 * b / steps
+        if b == large_eps and b > eps * max(eps_factors):
+            a = 2.5 * b / max(steps, 10)
+        accs.append(float(_pgd(model, x, y, b, a, max(steps, 10) if b == large_eps else steps,
+                               seed + 1).correct.float().mean() * 100))
+    tol = tolerance_pp(n, tol_pp)
+    rise = float(max((np.asarray(accs) - np.minimum.accumulate(accs)).max(), 0.0))
+    passed = rise <= tol and accs[-1] <= LARGE_EPS_MAX_ACC
+    checks.append(check("accuracy_falls_with_eps", passed,
+                        {"eps_255": [b * 255 for b in budgets], "acc": accs, "max_rise_pp": rise,
+                         "max_acc_at_largest_eps": LARGE_EPS_MAX_ACC},
+                        "" if passed else "accuracy does not fall to ~0 as eps grows: masked gradients "
+                        "or a broken attack"))
+
+    fgsm_acc = _accuracy(model, FGSM(model, eps)(x, y), y)
+    gn_acc = _accuracy(model, GN(model, std=eps, eps=eps, seed=seed)(x, y), y)
+    checks.append(ordering_check("pgd_at_least_fgsm", pgd_acc, fgsm_acc, n, tol_pp, "pgd", "fgsm"))
+    checks.append(ordering_check("pgd_at_least_noise", pgd_acc, gn_acc, n, tol_pp, "pgd", "gn"))
+    if transfer is not None:
+        transfer.manual_seed(seed)
+        t_acc = _accuracy(model, transfer(x, y).to(x.device), y)
+        checks.append(ordering_check("whitebox_at_least_transfer", pgd_acc, t_acc, n, tol_pp,
+                                     "whitebox", "transfer"))
+    else:
+        checks.append(check("whitebox_at_least_transfer", None, message="skipped: no Transfer attack given"))
+    return {"passed": all(c["passed"] is not False for c in checks), "n_examples": n,
+            "threat_model": {"eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts},
+            "checks": checks}

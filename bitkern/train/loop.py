@@ -1,0 +1,238 @@
+"""The training loop: batches, optimizer, schedule, logging, checkpoints and resume.
+
+Determinism: torch.manual_seed(seed) before training; batch order and augmentation come from a
+generator reseeded per epoch from (seed, epoch), recipes reseed theirs the same way. So a run
+resumed from the checkpoint of epoch e repeats exactly what the uninterrupted run does (on CPU,
+with the same thread count), and reaches bit-identical weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .recipes import Recipe, StepContext, make_recipe
+from .schedules import SCHEDULES, lr_at
+
+__all__ = ["fit", "TrainResult", "evaluate_accuracy", "KILL_ENV"]
+
+# Test hook: after the checkpoint of this epoch (1-based) is written, the process SIGKILLs itself,
+# simulating an interrupted run for the resume tests.
+KILL_ENV = "BITKERN_KILL_AFTER_EPOCH"
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epochs_run: int = 0
+    resumed_from: int | None = None
+    recipe: str = "natural"
+    recipe_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def _as_tensors(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    elif hasattr(data, "tensors") and len(data.tensors) == 2:  # TensorDataset
+        x, y = data.tensors
+    else:
+        raise TypeError(f"{what} must be an (x, y) tensor pair or a TensorDataset, got {type(data).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{what}: x must be a float tensor [n, C, H, W], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{what}: y must be an int64 tensor [n] matching x ({x.shape[0]}), got "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} is empty")
+    return x, y.long()
+
+
+def _augment_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, the standard CIFAR augmentation."""
+    b, _, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oh = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    ow = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    rows = (oh[:, None] + torch.arange(h)[None]).to(x.device)
+    cols = ow[:, None] + torch.arange(w)[None]
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data, batch_size: int = 512, device: str | torch.device = "cpu") -> float:
+    """Clean top-1 accuracy in % (model in eval mode; restored afterwards)."""
+    x, y = _as_tensors(data, "eval data")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        out = model(x[i:i + batch_size].to(device))
+        correct += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    model.train(was_training)
+    return 100.0 * correct / x.shape[0]
+
+
+def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is None:
+        return sys.stderr.isatty() and os.environ.get("BITKERN_PROGRESS", "1") != "0"
+    return bool(progress)
+
+
+def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epochs: int,
+        batch_size: int = 128, lr: float = 0.1, optimizer: str = "sgd", momentum: float = 0.9,
+        weight_decay: float = 5e-4, schedule: str | None = None, eps: float | None = None,
+        recipe_args: dict[str, Any] | None = None, augment: bool = False, device: str | torch.device = "cpu",
+        seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+        log_path: str | os.PathLike | None = None, eval_data=None, progress: bool | None = None,
+        meta: dict[str, Any] | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        ) -> TrainResult:
+    """Train ``model`` in place with a recipe; returns a TrainResult (model, per-epoch history).
+
+    recipe: natural | fastat | pgd | bim | free | dq | odgq (or a Recipe instance), with recipe_args
+    (e.g. {"steps": 7} for pgd, {"m": 4} for free, {"n_k": 4, "lam": 3.0} for odgq); eps (input units,
+    default 8/255) is passed to the recipe. epochs is the natural-training budget: Free AT runs
+    ceil(epochs / m) and ODG-Q ceil(epochs / 2) epochs. schedule: constant | step | cosine | cyclic
+    (default: the recipe's, cyclic for fastat, cosine otherwise); the learning rate is set per
+    optimizer step. checkpoint_dir: a checkpoint is written after every epoch; with resume=True an
+    existing one is continued (the run configuration must match). log_path: JSON lines, one per epoch.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    x_all, y_all = _as_tensors(train_data, "train_data")
+    args = dict(recipe_args or {})
+    if eps is not None:
+        args["eps"] = eps
+    rec = make_recipe(recipe, **args) if not isinstance(recipe, Recipe) else recipe
+    schedule = schedule or rec.default_schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    device = torch.device(device)
+    model.to(device)
+    opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum,
+                          weight_decay)
+
+    n = x_all.shape[0]
+    n_batches = math.ceil(n / batch_size)
+    run_epochs = rec.run_epochs(epochs)
+    total_steps = run_epochs * n_batches * rec.steps_per_batch
+    rec.setup((min(batch_size, n), *x_all.shape[1:]), device)
+    config = {"recipe": rec.name, "recipe_args": rec.args(), "epochs": epochs, "run_epochs": run_epochs,
+              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "momentum": momentum,
+              "weight_decay": weight_decay, "schedule": schedule, "augment": augment, "seed": seed,
+              "n_train": n}
+
+    torch.manual_seed(seed)
+    state = {"step": 0, "history": []}
+    start_epoch, resumed_from = 0, None
+    if checkpoint_dir is not None and resume and ckpt.has_checkpoint(checkpoint_dir):
+        c = ckpt.load_checkpoint(checkpoint_dir, model=model, optimizer=opt, rng=True)
+        saved = c.state.get("config", {})
+        diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        if diff:
+            raise ckpt.CheckpointError(f"cannot resume {checkpoint_dir}: configuration differs "
+                                       f"(saved, requested): {diff}")
+        rec.load_state({k[len("recipe/"):]: v.to(device) for k, v in c.extra("recipe/").items()},
+                       c.state.get("recipe_state", {}))
+        state = {"step": int(c.state["step"]), "history": list(c.state.get("history", []))}
+        start_epoch = resumed_from = int(c.state["epoch"])
+    log_file = Path(log_path) if log_path is not None else None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if start_epoch == 0:
+            log_file.write_text("")
+
+    def step(loss: torch.Tensor) -> None:
+        cur = lr_at(schedule, state["step"], total_steps, lr)
+        for g in opt.param_groups:
+            g["lr"] = cur
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+
+    ctx = StepContext(model, step)
+    show = _progress_enabled(progress)
+    kill_after = os.environ.get(KILL_ENV)
+    from tqdm.auto import tqdm
+
+    for epoch in range(start_epoch, run_epochs):
+        model.train()
+        rec.start_epoch(epoch, seed)
+        gen = torch.Generator().manual_seed(int(seed) * 7_919 + int(epoch))
+        perm = torch.randperm(n, generator=gen)
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(n_batches), desc=f"{rec.name} epoch {epoch + 1}/{run_epochs}", leave=False,
+                   disable=not show, dynamic_ncols=True)
+        for bi in bar:
+            idx = perm[bi * batch_size:(bi + 1) * batch_size]
+            x, y = x_all[idx], y_all[idx]
+            if augment:
+                x = _augment_crop_flip(x, gen)
+            x, y = x.to(device), y.to(device)
+            loss, logits = rec.train_batch(ctx, x, y, bi)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training diverged: loss {loss} at epoch {epoch + 1}, batch {bi} "
+                                         f"(lower the learning rate, currently {lr})")
+            loss_sum += loss * y.shape[0]
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+        bar.close()
+        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+               "lr": lr_at(schedule, max(state["step"] - 1, 0), total_steps, lr),
+               "time_s": round(time.perf_counter() - t0, 3)}
+        if eval_data is not None:
+            row["eval_acc"] = evaluate_accuracy(model, eval_data, device=device)
+        state["history"].append(row)
+        if log_file is not None:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if checkpoint_dir is not None:
+            extra = {f"recipe/{k}": v for k, v in rec.state_tensors().items()}
+            ckpt.save_checkpoint(checkpoint_dir, model=model, optimizer=opt, tensors=extra, state={
+                **ckpt.model_meta(model), **(meta or {}), "config": config, "epoch": epoch + 1,
+                "step": state["step"], "history": state["history"], "recipe_state": rec.state_json(),
+                "metrics": row})
+        if on_epoch is not None:
+            on_epoch(row)
+        if kill_after is not None and epoch + 1 == int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model.eval()
+    return TrainResult(model=model, history=state["history"], epochs_run=run_epochs, resumed_from=resumed_from,
+                       recipe=rec.name, recipe_args=rec.args())

@@ -1,0 +1,235 @@
+// Binary conv driver: packs activations once, re-lays weights out as GEMM columns, builds the padding
+// correction table, then runs the ISA-specific XNOR-popcount GEMM over pixel blocks on the pool.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bk_common.h"
+#include "engine.h"
+#include "thread_pool.h"
+
+namespace bk {
+namespace {
+
+// Grow-only 64-byte aligned scratch, one per calling thread (repeated calls reuse the pages).
+struct Scratch {
+  void* ptr = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(ptr); }
+  void* get(size_t bytes) {
+    bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(bytes, 64)), 64));
+    if (bytes > cap) {
+      std::free(ptr);
+      ptr = std::aligned_alloc(64, bytes);
+      if (!ptr) throw std::bad_alloc();
+      cap = bytes;
+    }
+    return ptr;
+  }
+};
+
+inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
+
+// Padding class of an output coordinate: the range [lo, hi) of kernel taps that hit real input.
+struct TapRange {
+  int64_t lo, hi;
+  bool operator==(const TapRange& o) const { return lo == o.lo && hi == o.hi; }
+};
+
+std::vector<TapRange> tap_classes(int64_t O, int64_t s, int64_t pad, int64_t k, int64_t in,
+                                  std::vector<int32_t>& cls_of) {
+  std::vector<TapRange> classes;
+  cls_of.assign(O, 0);
+  for (int64_t o = 0; o < O; ++o) {
+    const int64_t start = o * s - pad;
+    TapRange r{std::max<int64_t>(0, -start), std::min<int64_t>(k, in - start)};
+    if (r.hi < r.lo) r.hi = r.lo;
+    auto it = std::find(classes.begin(), classes.end(), r);
+    if (it == classes.end()) {
+      classes.push_back(r);
+      it = classes.end() - 1;
+    }
+    cls_of[o] = static_cast<int32_t>(it - classes.begin());
+  }
+  return classes;
+}
+
+int resolve_threads(int threads) { return std::max(1, std::min(threads, 256)); }
+
+}  // namespace
+
+int64_t block_rows(Isa isa, int64_t n_vec8) {
+  switch (isa) {
+    case Isa::Avx512: return n_vec8 >= 4 ? 6 : n_vec8 == 3 ? 8 : n_vec8 == 2 ? 12 : 24;
+    case Isa::Avx2: return 3;
+    default: return 4;
+  }
+}
+
+void build_panel(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix, uint64_t* panel,
+                 int32_t* cls) {
+  const int64_t R = p.R, rowlen = p.KW * p.Kw, rowstride = p.Wp * p.Kw;
+  const uint64_t* act_n = p.act + n * p.B * p.Hp * rowstride;
+  int64_t ow = pix0 % p.OW, t = pix0 / p.OW, oh = t % p.OH, b = t / p.OH;
+  for (int64_t i = 0; i < npix; ++i) {
+    cls[i] = p.row_cls[oh] * static_cast<int32_t>(p.n_col_cls) + p.col_cls[ow];
+    const uint64_t* src = act_n + (b * p.Hp + oh * p.sh) * rowstride + ow * p.sw * p.Kw;
+    uint64_t* d = panel + i;
+    for (int64_t kh = 0; kh < p.KH; ++kh, src += rowstride)
+      for (int64_t j = 0; j < rowlen; ++j, d += R) *d = src[j];
+    if (++ow == p.OW) {
+      ow = 0;
+      if (++oh == p.OH) oh = 0, ++b;
+    }
+  }
+  for (int64_t i = npix; i < R; ++i) {
+    cls[i] = 0;
+    for (int64_t k = 0; k < p.K; ++k) panel[k * R + i] = 0;
+  }
+}
+
+void conv_blocks_scalar(const ConvPlan& p, int64_t blk0, int64_t blk1) {
+  const int64_t R = p.R;
+  std::vector<uint64_t> panel(p.K * R);
+  std::vector<uint64_t> acc(p.MCp);
+  std::vector<int32_t> cls(R);
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t pix0 = blk * R, npix = std::min(R, p.P - pix0);
+    if (p.out) std::memset(p.out + pix0 * p.Co, 0, sizeof(float) * npix * p.Co);
+    for (int64_t n = 0; n < p.N; ++n) {
+      build_panel(p, n, pix0, npix, panel.data(), cls.data());
+      const float* sc = p.scale + n * p.MCp;
+      for (int64_t i = 0; i < npix; ++i) {
+        std::fill(acc.begin(), acc.end(), 0);
+        for (int64_t k = 0; k < p.K; ++k) {
+          const uint64_t a = panel[k * R + i];
+          const uint64_t* wrow = p.wt + k * p.MCp;
+          for (int64_t col = 0; col < p.MCp; ++col) acc[col] += popcount64(a ^ wrow[col]);
+        }
+        const int64_t pix = pix0 + i;
+        const int32_t* base = p.base + cls[i] * p.MCp;
+        for (int64_t m = 0; m < p.M; ++m)
+          for (int64_t co = 0; co < p.Co; ++co) {
+            const int64_t col = m * p.Cop + co;
+            const int32_t dot = base[col] - 2 * static_cast<int32_t>(acc[col]);
+            if (p.pairs) p.pairs[((m * p.N + n) * p.P + pix) * p.Co + co] = dot;
+            if (p.out) p.out[pix * p.Co + co] += sc[col] * static_cast<float>(dot);
+          }
+      }
+    }
+  }
+}
+
+void run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
+                    int mode, float v, uint64_t* out, const std::string& isa_name, int threads) {
+  const Isa isa = parse_isa(isa_name);
+  if (mode != kModeSign && mode != kModeHv) throw std::invalid_argument("mode: expected 0 or 1");
+  PackJob j{x, B, C, H, W, channels_last, mode, &v, 1, out, 0, 0, ceil_div(C, 64), H, W};
+  const int64_t rows = B * H;
+  const int64_t row_work = std::max<int64_t>(1, C * W);
+  const int nt = rows * row_work < (1 << 16) ? 1 : resolve_threads(threads);
+  parallel_for(rows, nt, std::max<int64_t>(1, (1 << 14) / row_work),
+               [&](int64_t r0, int64_t r1) { pack_rows(j, isa, r0, r1); });
+}
+
+void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
+                    const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
+                    const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                    const float* alpha, const float* beta, float* out, int32_t* pairs,
+                    const std::string& isa_name, int threads) {
+  const Isa isa = parse_isa(isa_name);
+  if (mode != kModeSign && mode != kModeHv) throw std::invalid_argument("mode: expected 0 or 1");
+  if (mode == kModeSign) N = 1;
+  ConvPlan p{};
+  p.B = B, p.C = C, p.H = H, p.W = W, p.Kw = ceil_div(C, 64), p.Hp = H + 2 * ph, p.Wp = W + 2 * pw;
+  p.M = M, p.Co = Co, p.Cop = round_up(Co, 8), p.MCp = M * p.Cop;
+  p.KH = KH, p.KW = KW, p.sh = sh, p.sw = sw, p.ph = ph, p.pw = pw;
+  p.OH = (p.Hp - KH) / sh + 1, p.OW = (p.Wp - KW) / sw + 1, p.P = B * p.OH * p.OW;
+  p.N = N, p.K = KH * KW * p.Kw;
+  p.R = block_rows(isa, p.MCp / 8);
+  if (p.OH <= 0 || p.OW <= 0 || p.P == 0) return;
+  const int nt = resolve_threads(threads);
+
+  // Scratch: activation planes, transposed weights, tables (one allocation).
+  const int64_t act_words = N * B * p.Hp * p.Wp * p.Kw;
+  const int64_t wt_words = p.K * p.MCp;
+  std::vector<int32_t> row_cls, col_cls;
+  const auto row_classes = tap_classes(p.OH, sh, ph, KH, H, row_cls);
+  const auto col_classes = tap_classes(p.OW, sw, pw, KW, W, col_cls);
+  const int64_t n_cls = static_cast<int64_t>(row_classes.size() * col_classes.size());
+  thread_local Scratch scratch;
+  const size_t act_bytes = round_up(act_words * 8, 64), wt_bytes = round_up(wt_words * 8, 64);
+  char* buf = static_cast<char*>(scratch.get(act_bytes + wt_bytes));
+  uint64_t* act = reinterpret_cast<uint64_t*>(buf);
+  uint64_t* wt = reinterpret_cast<uint64_t*>(buf + act_bytes);
+
+  // 1. Pack activations (all bases) into the zero-padded NHWC bit planes.
+  PackJob j{x, B, C, H, W, channels_last, mode, v, N, act, ph, pw, p.Kw, p.Hp, p.Wp};
+  const int64_t rows = B * p.Hp, row_work = std::max<int64_t>(1, N * C * W);
+  parallel_for(rows, rows * row_work < (1 << 16) ? 1 : nt,
+               std::max<int64_t>(1, (1 << 14) / row_work),
+               [&](int64_t r0, int64_t r1) { pack_rows(j, isa, r0, r1); });
+
+  // 2. Weights [M, Co, KH, KW, Kw] -> wt[k][m * Cop + co] (padded columns are zero words), and the
+  //    per-tap popcounts for the padding correction.
+  std::memset(wt, 0, wt_words * 8);
+  std::vector<int32_t> tap_pc(M * p.Cop * KH * KW, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t co = 0; co < Co; ++co) {
+      const int64_t col = m * p.Cop + co;
+      const uint64_t* src = w + (m * Co + co) * p.K;
+      for (int64_t k = 0; k < p.K; ++k) {
+        wt[k * p.MCp + col] = src[k];
+        tap_pc[col * KH * KW + k / p.Kw] += popcount64(src[k]);
+      }
+    }
+  // base[cls][col] = KH*KW*C - sum over padded taps of (C - 2 popcount(w_tap)): padded taps hold
+  // zero activation words, so the GEMM counted them as C - 2 popcount(w_tap) instead of 0.
+  std::vector<int32_t> base(n_cls * p.MCp, 0);
+  for (size_t rc = 0; rc < row_classes.size(); ++rc)
+    for (size_t cc = 0; cc < col_classes.size(); ++cc) {
+      int32_t* bcls = base.data() + (rc * col_classes.size() + cc) * p.MCp;
+      const TapRange r = row_classes[rc], c = col_classes[cc];
+      for (int64_t col = 0; col < p.MCp; ++col) {
+        int64_t corr = 0;
+        for (int64_t kh = 0; kh < KH; ++kh)
+          for (int64_t kw = 0; kw < KW; ++kw)
+            if (kh < r.lo || kh >= r.hi || kw < c.lo || kw >= c.hi)
+              corr += C - 2 * tap_pc[col * KH * KW + kh * KW + kw];
+        bcls[col] = static_cast<int32_t>(KH * KW * C - corr);
+      }
+    }
+  std::vector<float> scale(N * p.MCp, 0.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t co = 0; co < Co; ++co)
+        scale[n * p.MCp + m * p.Cop + co] = alpha[m * Co + co] * beta[n];
+  std::vector<int32_t> vec_m(p.MCp / 8), vec_co(p.MCp / 8);
+  for (int64_t g = 0; g < p.MCp / 8; ++g) vec_m[g] = g * 8 / p.Cop, vec_co[g] = g * 8 % p.Cop;
+
+  p.act = act, p.wt = wt, p.base = base.data(), p.row_cls = row_cls.data();
+  p.col_cls = col_cls.data(), p.n_col_cls = static_cast<int64_t>(col_classes.size());
+  p.scale = scale.data(), p.vec_m = vec_m.data(), p.vec_co = vec_co.data();
+  p.out = out, p.pairs = pairs;
+
+  // 3. Binary GEMM over pixel blocks; each block owns its output rows (no races).
+  const int64_t nblk = ceil_div(p.P, p.R);
+  const double work = static_cast<double>(p.P) * N * p.K * p.MCp;  // word x column ops
+  const int gemm_threads = work < 2e5 ? 1 : nt;
+  const int64_t grain = std::max<int64_t>(1, nblk / (gemm_threads * 16));
+  parallel_for(nblk, gemm_threads, grain, [&](int64_t b0, int64_t b1) {
+    switch (isa) {
+#if BK_X86
+      case Isa::Avx512: conv_blocks_avx512(p, b0, b1); break;
+      case Isa::Avx2: conv_blocks_avx2(p, b0, b1); break;
+#endif
+      default: conv_blocks_scalar(p, b0, b1); break;
+    }
+  });
+}
+
+}  // namespace bk

@@ -1,0 +1,92 @@
+// AVX2 XNOR-popcount GEMM: R=3 pixels x 2 ymm (8 columns). Popcount with the nibble LUT (vpshufb)
+// into byte counters, folded into 64-bit counters with vpsadbw every 31 K steps (31 * 8 < 256).
+#include "bk_common.h"
+
+#if BK_X86
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace bk {
+namespace {
+
+constexpr int kR = 3, kNV = 2;
+
+BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix,
+                         const uint64_t* panel, const int32_t* cls, int64_t col0) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1,
+                                       2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i acc64[kR][kNV];
+  for (int i = 0; i < kR; ++i)
+    for (int v = 0; v < kNV; ++v) acc64[i][v] = zero;
+  const uint64_t* w = p.wt + col0;
+  const uint64_t* a = panel;
+  for (int64_t k0 = 0; k0 < p.K; k0 += 31) {
+    const int64_t k1 = std::min<int64_t>(p.K, k0 + 31);
+    __m256i acc8[kR][kNV];
+    for (int i = 0; i < kR; ++i)
+      for (int v = 0; v < kNV; ++v) acc8[i][v] = zero;
+    for (int64_t k = k0; k < k1; ++k, w += p.MCp, a += kR) {
+      const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
+      const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + 4));
+#pragma GCC unroll 3
+      for (int i = 0; i < kR; ++i) {
+        const __m256i av = _mm256_set1_epi64x(static_cast<long long>(a[i]));
+        const __m256i x0 = _mm256_xor_si256(av, w0), x1 = _mm256_xor_si256(av, w1);
+        const __m256i c0 = _mm256_add_epi8(
+            _mm256_shuffle_epi8(lut, _mm256_and_si256(x0, low4)),
+            _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), low4)));
+        const __m256i c1 = _mm256_add_epi8(
+            _mm256_shuffle_epi8(lut, _mm256_and_si256(x1, low4)),
+            _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), low4)));
+        acc8[i][0] = _mm256_add_epi8(acc8[i][0], c0);
+        acc8[i][1] = _mm256_add_epi8(acc8[i][1], c1);
+      }
+    }
+    for (int i = 0; i < kR; ++i)
+      for (int v = 0; v < kNV; ++v)
+        acc64[i][v] = _mm256_add_epi64(acc64[i][v], _mm256_sad_epu8(acc8[i][v], zero));
+  }
+  // Epilogue (8 columns of one weight base, since Cop is a multiple of 8).
+  const int64_t g = col0 / 8, m = p.vec_m[g], co0 = p.vec_co[g];
+  const int64_t nvalid = std::min<int64_t>(8, p.Co - co0);
+  const float* sc = p.scale + n * p.MCp + col0;
+  alignas(32) uint64_t pc[8];
+  for (int i = 0; i < kR && i < npix; ++i) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pc), acc64[i][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 4), acc64[i][1]);
+    const int64_t pix = pix0 + i;
+    const int32_t* base = p.base + cls[i] * p.MCp + col0;
+    int32_t* pr = p.pairs ? p.pairs + ((m * p.N + n) * p.P + pix) * p.Co + co0 : nullptr;
+    float* o = p.out ? p.out + pix * p.Co + co0 : nullptr;
+    for (int64_t c = 0; c < nvalid; ++c) {
+      const int32_t dot = base[c] - 2 * static_cast<int32_t>(pc[c]);
+      if (pr) pr[c] = dot;
+      if (o) o[c] += sc[c] * static_cast<float>(dot);
+    }
+  }
+}
+
+}  // namespace
+
+BK_TARGET_AVX2 void conv_blocks_avx2(const ConvPlan& p, int64_t blk0, int64_t blk1) {
+  thread_local std::vector<uint64_t> panel_buf;
+  if (static_cast<int64_t>(panel_buf.size()) < p.K * kR) panel_buf.resize(p.K * kR);
+  uint64_t* panel = panel_buf.data();
+  int32_t cls[kR];
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t pix0 = blk * kR, npix = std::min<int64_t>(kR, p.P - pix0);
+    if (p.out) std::memset(p.out + pix0 * p.Co, 0, sizeof(float) * npix * p.Co);
+    for (int64_t n = 0; n < p.N; ++n) {
+      build_panel(p, n, pix0, npix, panel, cls);
+      for (int64_t col0 = 0; col0 < p.MCp; col0 += 8) tile(p, n, pix0, npix, panel, cls, col0);
+    }
+  }
+}
+
+}  // namespace bk
+#endif

@@ -1,0 +1,184 @@
+// Activation packing: float [B, C, H, W] -> padded NHWC bit words, one plane per base n.
+#include <algorithm>
+#include <cstring>
+
+#include "bk_common.h"
+
+#if BK_X86
+#include <immintrin.h>
+#endif
+
+namespace bk {
+namespace {
+
+inline bool bit_of(float x, int mode, float v) {
+  if (mode == kModeSign) return x >= 0.0f;
+  const float s = x + v;  // the sum is rounded to float32 on purpose (bit convention)
+  return s >= 0.5f;
+}
+
+inline uint64_t* dst_row(const PackJob& j, int64_t n, int64_t b, int64_t hp) {
+  return j.dst + ((n * j.B + b) * j.Hp + hp) * j.Wp * j.Kw;
+}
+
+// Zeroes the left/right padding words of one padded row.
+inline void zero_row_padding(const PackJob& j, uint64_t* row) {
+  if (j.pw == 0) return;
+  std::memset(row, 0, sizeof(uint64_t) * j.pw * j.Kw);
+  std::memset(row + (j.pw + j.W) * j.Kw, 0, sizeof(uint64_t) * j.pw * j.Kw);
+}
+
+inline float x_at(const PackJob& j, int64_t b, int64_t c, int64_t h, int64_t w) {
+  return j.channels_last ? j.x[((b * j.H + h) * j.W + w) * j.C + c]
+                         : j.x[((b * j.C + c) * j.H + h) * j.W + w];
+}
+
+// Scalar packing of pixels [w0, w1) of image row (b, h) for base n into row (interior offset applied).
+void pack_pixels_scalar(const PackJob& j, int64_t n, int64_t b, int64_t h, int64_t w0, int64_t w1,
+                        uint64_t* row) {
+  const float v = j.mode == kModeHv ? j.v[n] : 0.0f;
+  for (int64_t w = w0; w < w1; ++w) {
+    uint64_t* out = row + (j.pw + w) * j.Kw;
+    for (int64_t g = 0; g < j.Kw; ++g) {
+      const int64_t c0 = g * 64, c1 = std::min(j.C, c0 + 64);
+      uint64_t word = 0;
+      for (int64_t c = c0; c < c1; ++c)
+        word |= static_cast<uint64_t>(bit_of(x_at(j, b, c, h, w), j.mode, v)) << (c - c0);
+      out[g] = word;
+    }
+  }
+}
+
+#if BK_X86
+// ---------------------------------------------------------------- AVX-512
+BK_TARGET_AVX512 inline __mmask16 cmp16_avx512(__m512 x, int mode, __m512 v) {
+  if (mode == kModeSign) return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+  return _mm512_cmp_ps_mask(_mm512_add_ps(x, v), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+}
+
+BK_TARGET_AVX512 void pack_row_avx512(const PackJob& j, int64_t n, int64_t b, int64_t h,
+                                      uint64_t* row) {
+  const __m512 v = _mm512_set1_ps(j.mode == kModeHv ? j.v[n] : 0.0f);
+  if (j.channels_last) {
+    const float* px = j.x + (b * j.H + h) * j.W * j.C;
+    for (int64_t w = 0; w < j.W; ++w, px += j.C) {
+      uint64_t* out = row + (j.pw + w) * j.Kw;
+      for (int64_t g = 0; g < j.Kw; ++g) {
+        const int64_t c0 = g * 64, nc = std::min<int64_t>(64, j.C - c0);
+        uint64_t word = 0;
+        for (int64_t q = 0; q < 4 && q * 16 < nc; ++q) {
+          const int64_t left = nc - q * 16;
+          const __mmask16 lm = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+          const __m512 x = _mm512_maskz_loadu_ps(lm, px + c0 + q * 16);
+          word |= static_cast<uint64_t>(cmp16_avx512(x, j.mode, v) & lm) << (16 * q);
+        }
+        out[g] = word;
+      }
+    }
+    return;
+  }
+  // NCHW: 16 pixels at a time, one float16-vector per channel, bits OR-ed into 2x8 word lanes.
+  const int64_t HW = j.H * j.W;
+  const float* xb = j.x + b * j.C * HW + h * j.W;
+  alignas(64) uint64_t tmp[16];
+  for (int64_t w0 = 0; w0 < j.W; w0 += 16) {
+    const int64_t nw = std::min<int64_t>(16, j.W - w0);
+    const __mmask16 wm = nw == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nw) - 1);
+    for (int64_t g = 0; g < j.Kw; ++g) {
+      const int64_t c0 = g * 64, c1 = std::min(j.C, c0 + 64);
+      __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+      const float* xc = xb + c0 * HW + w0;
+      for (int64_t c = c0; c < c1; ++c, xc += HW) {
+        const __mmask16 k = cmp16_avx512(_mm512_maskz_loadu_ps(wm, xc), j.mode, v);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(1ull << (c - c0)));
+        lo = _mm512_mask_or_epi64(lo, static_cast<__mmask8>(k), lo, bit);
+        hi = _mm512_mask_or_epi64(hi, static_cast<__mmask8>(k >> 8), hi, bit);
+      }
+      if (j.Kw == 1) {
+        _mm512_mask_storeu_epi64(row + j.pw + w0, static_cast<__mmask8>(wm), lo);
+        _mm512_mask_storeu_epi64(row + j.pw + w0 + 8, static_cast<__mmask8>(wm >> 8), hi);
+      } else {
+        _mm512_store_si512(tmp, lo);
+        _mm512_store_si512(tmp + 8, hi);
+        for (int64_t i = 0; i < nw; ++i) row[(j.pw + w0 + i) * j.Kw + g] = tmp[i];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2
+BK_TARGET_AVX2 inline __m256 cmp8_avx2(__m256 x, int mode, __m256 v) {
+  if (mode == kModeSign) return _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
+  return _mm256_cmp_ps(_mm256_add_ps(x, v), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+}
+
+BK_TARGET_AVX2 void pack_row_avx2(const PackJob& j, int64_t n, int64_t b, int64_t h,
+                                  uint64_t* row) {
+  const float vs = j.mode == kModeHv ? j.v[n] : 0.0f;
+  const __m256 v = _mm256_set1_ps(vs);
+  if (j.channels_last) {
+    const float* px = j.x + (b * j.H + h) * j.W * j.C;
+    for (int64_t w = 0; w < j.W; ++w, px += j.C) {
+      uint64_t* out = row + (j.pw + w) * j.Kw;
+      for (int64_t g = 0; g < j.Kw; ++g) {
+        const int64_t c0 = g * 64, nc = std::min<int64_t>(64, j.C - c0);
+        uint64_t word = 0;
+        int64_t c = 0;
+        for (; c + 8 <= nc; c += 8) {
+          const unsigned m = _mm256_movemask_ps(cmp8_avx2(_mm256_loadu_ps(px + c0 + c), j.mode, v));
+          word |= static_cast<uint64_t>(m) << c;
+        }
+        for (; c < nc; ++c) word |= static_cast<uint64_t>(bit_of(px[c0 + c], j.mode, vs)) << c;
+        out[g] = word;
+      }
+    }
+    return;
+  }
+  const int64_t HW = j.H * j.W;
+  const float* xb = j.x + b * j.C * HW + h * j.W;
+  int64_t w0 = 0;
+  for (; w0 + 8 <= j.W; w0 += 8) {
+    for (int64_t g = 0; g < j.Kw; ++g) {
+      const int64_t c0 = g * 64, c1 = std::min(j.C, c0 + 64);
+      __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+      const float* xc = xb + c0 * HW + w0;
+      for (int64_t c = c0; c < c1; ++c, xc += HW) {
+        const __m256i k = _mm256_castps_si256(cmp8_avx2(_mm256_loadu_ps(xc), j.mode, v));
+        const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(1ull << (c - c0)));
+        lo = _mm256_or_si256(lo, _mm256_and_si256(bit, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(k))));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(bit, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(k, 1))));
+      }
+      alignas(32) uint64_t tmp[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), lo);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 4), hi);
+      for (int64_t i = 0; i < 8; ++i) row[(j.pw + w0 + i) * j.Kw + g] = tmp[i];
+    }
+  }
+  if (w0 < j.W) pack_pixels_scalar(j, n, b, h, w0, j.W, row);
+}
+#endif
+
+}  // namespace
+
+void pack_rows(const PackJob& j, Isa isa, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / j.Hp, hp = r % j.Hp, h = hp - j.ph;
+    for (int64_t n = 0; n < j.N; ++n) {
+      uint64_t* row = dst_row(j, n, b, hp);
+      if (h < 0 || h >= j.H) {
+        std::memset(row, 0, sizeof(uint64_t) * j.Wp * j.Kw);
+        continue;
+      }
+      zero_row_padding(j, row);
+      switch (isa) {
+#if BK_X86
+        case Isa::Avx512: pack_row_avx512(j, n, b, h, row); break;
+        case Isa::Avx2: pack_row_avx2(j, n, b, h, row); break;
+#endif
+        default: pack_pixels_scalar(j, n, b, h, 0, j.W, row); break;
+      }
+    }
+  }
+}
+
+}  // namespace bk
