@@ -35,7 +35,10 @@ if os.environ.get("BITKERN_BUILD_CUDA") == "1":
             "bitkern._C_cuda",
             sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
             include_dirs=[os.path.abspath("csrc/cuda")],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+            # Kernels round the epilogue explicitly (__fmul_rn / __fadd_rn), so fast math cannot change
+            # results; set TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") to pick the architectures.
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
         )
     )
     build_ext = BuildExtension  # noqa: F811

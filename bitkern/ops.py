@@ -8,7 +8,8 @@ Public wrappers (validate, then call the op):
   pack_signs(x)                                         -> int64 packed signs
   binary_conv2d(x, w, stride=1, padding=0)              -> int32, == F.conv2d(sign(x), sign(w)) exactly
   mbn_conv2d(x, w_bases, alpha, v, beta, stride, padding)            -> float32 (Eq. 2)
-  mbn_conv2d_packed(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding) -> float32
+  mbn_conv2d_packed(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding,
+                    bias=None, clamp=None) -> float32
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ __all__ = ["pack_signs", "binary_conv2d", "mbn_conv2d", "mbn_conv2d_packed", "se
 
 # ---------------------------------------------------------------------------------------------------
 # STE window: "clipped" is the paper's estimator (gradient passes where the binarizer's input lies in its
-# clip window); "identity" passes it everywhere: a surrogate used to check attacks for gradient masking.
-_STE_MODES = ("clipped", "identity")
+# clip window); "identity" passes it everywhere; "smooth" is a triangle of the same area as the clip box
+# (Bi-Real Net's ApproxSign derivative). The last two are surrogates for checking attacks for masking.
+_STE_MODES = ("clipped", "identity", "smooth")
 _ste = {"mode": "clipped"}
 
 
@@ -73,13 +75,25 @@ def _pack_weight_bases(backend, w_bases: Tensor) -> Tensor:
     return packed.unflatten(0, w_bases.shape[:2])
 
 
-def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding) -> Tensor:
+def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias=None,
+             clamp=None) -> Tensor:
+    """out = clamp(sum_{m,n} alpha beta conv_mn + bias, *clamp); bias / clamp fused into the backend's
+    epilogue when it declares `fused_epilogue`, applied in torch afterwards otherwise."""
     backend = dispatch.backend_for(x.device)
     num_bases, out_channels = w_packed.shape[:2]
+    bias = None if bias is None else bias.float().contiguous()
+    clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+    fused = getattr(backend, "fused_epilogue", False)
+    epilogue = {"bias": bias, "clamp": clamp} if fused and (bias is not None or clamp is not None) else {}
     out, _ = backend.mbn_conv2d_packed(
         x.float(), w_packed, in_channels, tuple(kernel_size), _alpha2d(alpha, num_bases, out_channels),
         None if v is None else v.float().contiguous(), beta.float().contiguous(), tuple(stride),
-        tuple(padding))
+        tuple(padding), **epilogue)
+    if not fused:
+        if bias is not None:
+            out = out + bias.reshape(1, -1, 1, 1)
+        if clamp is not None:
+            out = out.clamp(*clamp)
     return out.contiguous(memory_format=torch.channels_last)
 
 
@@ -146,12 +160,13 @@ def _(x, w_bases, alpha, v, beta, stride, padding):
 @torch.library.custom_op("bitkern::mbn_conv2d_packed", mutates_args=())
 def _mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size: list[int],
                        alpha: Tensor, v: Optional[Tensor], beta: Tensor, stride: list[int],
-                       padding: list[int]) -> Tensor:
-    return _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding)
+                       padding: list[int], bias: Optional[Tensor] = None,
+                       clamp: Optional[list[float]] = None) -> Tensor:
+    return _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias, clamp)
 
 
 @_mbn_conv2d_packed.register_fake
-def _(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding):
+def _(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias=None, clamp=None):
     oh, ow = _out_size(x, kernel_size, stride, padding)
     return _empty_channels_last((x.shape[0], w_packed.shape[1], oh, ow), torch.float32, x.device)
 
@@ -159,24 +174,33 @@ def _(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding):
 # ---------------------------------------------------------------------------------------------------
 # STE backward (paper 000 Eq. 3), shared by both float-weight and packed-weight ops
 
+def _ste_window(t: Tensor, mode: str, low: float = -1.0, high: float = 1.0) -> Tensor:
+    """STE derivative of a binarizer whose clip window is [low, high]: 1 inside ("clipped"), 1 everywhere
+    ("identity"), or a triangle peaking at the window's centre with the same area ("smooth")."""
+    if mode == "identity":
+        return torch.ones_like(t)
+    if mode == "smooth":
+        centred = (t - (low + high) / 2) * (2 / (high - low))
+        return (2 - 2 * centred.abs()).clamp_min(0)
+    return ((t >= low) & (t <= high)).to(t.dtype)
+
+
 def _ste_backward(grad, x, weights, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding,
                   needs_x, needs_w, needs_alpha, needs_v, needs_beta, w_bases=None):
     grad = grad.float()
     xf = x.float()
     num_bases, out_channels = weights.shape[:2]
     alpha2d = _alpha2d(alpha, num_bases, out_channels)
-    clipped = _ste["mode"] == "clipped"
+    mode = _ste["mode"]
     grad_x = grad_w = grad_alpha = grad_v = grad_beta = None
 
     if needs_x or needs_v:
         w_eff = (alpha2d[:, :, None, None, None] * weights).sum(0)
         g_act = torch.nn.grad.conv2d_input(x.shape, w_eff, grad, stride, padding)
         if v is None:  # sign(x): htanh STE window |x| <= 1
-            windows = [(xf.abs() <= 1) if clipped else torch.ones_like(xf, dtype=torch.bool)]
+            windows = [_ste_window(xf, mode)]
         else:  # H_v(x): gradient of clip(x + v, 0, 1) is 1 inside [0, 1]
-            shifted = [xf + vn for vn in v.float()]
-            windows = [((s >= 0) & (s <= 1)) if clipped else torch.ones_like(s, dtype=torch.bool)
-                       for s in shifted]
+            windows = [_ste_window(xf + vn, mode, 0.0, 1.0) for vn in v.float()]
         per_base = [beta[n] * windows[n] * g_act for n in range(len(windows))]
         if needs_x:
             grad_x = sum(per_base).to(x.dtype)
@@ -188,8 +212,8 @@ def _ste_backward(grad, x, weights, w_packed, in_channels, kernel_size, alpha, v
         act_mix = sum(beta[n] * a for n, a in enumerate(acts))
         grad_weight = torch.nn.grad.conv2d_weight(act_mix, weights.shape[1:], grad, stride, padding)
         grad_w = alpha2d[:, :, None, None, None] * grad_weight.unsqueeze(0)
-        if clipped:
-            grad_w = grad_w * (w_bases.abs() <= 1)
+        if mode != "identity":
+            grad_w = grad_w * _ste_window(w_bases.float(), mode)
         grad_w = grad_w.to(w_bases.dtype)
 
     if needs_alpha or needs_beta:
@@ -227,19 +251,30 @@ _mbn_conv2d.register_autograd(_backward_mbn, setup_context=_setup_mbn)
 
 
 def _setup_packed(ctx, inputs, output):
-    x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding = inputs
-    ctx.save_for_backward(x, w_packed, alpha, v, beta)
+    x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias, clamp = inputs
+    # The clamp's backward needs only its output (lo < y < hi iff lo < z < hi), not z itself.
+    ctx.save_for_backward(x, w_packed, alpha, v, beta, output if clamp is not None else None)
     ctx.in_channels, ctx.kernel_size, ctx.stride, ctx.padding = in_channels, kernel_size, stride, padding
+    ctx.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
 
 
 def _backward_packed(ctx, grad):
-    x, w_packed, alpha, v, beta = ctx.saved_tensors
-    needs_x, _, _, _, needs_alpha, needs_v, needs_beta = ctx.needs_input_grad[:7]
-    weights = unpack_weight_bases(w_packed, ctx.in_channels)
-    grad_x, _, grad_alpha, grad_v, grad_beta = _ste_backward(
-        grad, x, weights, w_packed, ctx.in_channels, ctx.kernel_size, alpha, v, beta, ctx.stride,
-        ctx.padding, needs_x, False, needs_alpha, needs_v, needs_beta)
-    return grad_x, None, None, None, grad_alpha, grad_v, grad_beta, None, None
+    x, w_packed, alpha, v, beta, out = ctx.saved_tensors
+    # The dispatcher drops trailing arguments equal to their defaults (bias=None, clamp=None): pad back.
+    num_inputs = len(ctx.needs_input_grad)
+    needs = tuple(ctx.needs_input_grad) + (False,) * (11 - num_inputs)
+    needs_x, _, _, _, needs_alpha, needs_v, needs_beta, _, _, needs_bias, _ = needs
+    if ctx.clamp is not None:  # strict window, as torch's hardtanh / relu backward
+        lo, hi = ctx.clamp
+        grad = grad * ((out > lo) & (out < hi)).to(grad.dtype)
+    grad_bias = grad.float().sum((0, 2, 3)) if needs_bias else None
+    grad_x = grad_alpha = grad_v = grad_beta = None
+    if needs_x or needs_alpha or needs_v or needs_beta:
+        weights = unpack_weight_bases(w_packed, ctx.in_channels)
+        grad_x, _, grad_alpha, grad_v, grad_beta = _ste_backward(
+            grad, x, weights, w_packed, ctx.in_channels, ctx.kernel_size, alpha, v, beta, ctx.stride,
+            ctx.padding, needs_x, False, needs_alpha, needs_v, needs_beta)
+    return (grad_x, None, None, None, grad_alpha, grad_v, grad_beta, None, None, grad_bias, None)[:num_inputs]
 
 
 _mbn_conv2d_packed.register_autograd(_backward_packed, setup_context=_setup_packed)
@@ -279,6 +314,10 @@ def _check_alpha(alpha, num_bases, out_channels):
     _checks.check_finite("alpha", alpha)
 
 
+def _check_no_nan(name, t):
+    _checks.check_no_nan(name, t, getattr(dispatch.backend_for(t.device), "has_nan", None))
+
+
 def _check_input(x, in_channels, kernel_size, stride, padding, weight_name):
     _checks.check_tensor("x", x, ndim=4, floating=True)
     if x.shape[1] != in_channels:
@@ -286,7 +325,7 @@ def _check_input(x, in_channels, kernel_size, stride, padding, weight_name):
                          f"got {_checks.describe(x)}")
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got {_checks.describe(x)}")
-    _checks.check_no_nan("x", x)
+    _check_no_nan("x", x)
     _checks.conv_output_size(x.shape, kernel_size, stride, padding)
 
 
@@ -298,7 +337,7 @@ def pack_signs(x: Tensor) -> Tensor:
     _checks.check_tensor("x", x, floating=True)
     if x.dim() not in (2, 4):
         raise ValueError(f"x: expected a 2-d [rows, C] or 4-d [B, C, H, W] tensor, got {_checks.describe(x)}")
-    _checks.check_no_nan("x", x)
+    _check_no_nan("x", x)
     if x.dim() == 2:
         return _pack_signs(x[:, :, None, None]).flatten(1)
     return _pack_signs(x)
@@ -314,7 +353,7 @@ def binary_conv2d(x: Tensor, w: Tensor, stride=1, padding=0) -> Tensor:
     padding = _checks.pair("padding", padding, minimum=0)
     _check_input(x, w.shape[1], w.shape[2:], stride, padding, f"w of shape {tuple(w.shape)}")
     _check_same_device(x, w=w)
-    _checks.check_no_nan("w", w)
+    _check_no_nan("w", w)
     return _binary_conv2d(x, w, list(stride), list(padding))
 
 
@@ -335,18 +374,45 @@ def mbn_conv2d(x: Tensor, w_bases: Tensor, alpha: Tensor, v: Tensor | None = Non
     padding = _checks.pair("padding", padding, minimum=0)
     _check_input(x, w_bases.shape[2], w_bases.shape[3:], stride, padding,
                  f"w_bases of shape {tuple(w_bases.shape)}")
-    _checks.check_no_nan("w_bases", w_bases)
+    _check_no_nan("w_bases", w_bases)
     _check_alpha(alpha, num_bases, out_channels)
     beta = _check_activation_args(x, v, beta)
     _check_same_device(x, w_bases=w_bases, alpha=alpha, v=v, beta=beta)
     return _mbn_conv2d(x, w_bases, alpha, v, beta, list(stride), list(padding))
 
 
+def _check_bias(bias, out_channels):
+    if bias is None:
+        return
+    _checks.check_tensor("bias", bias, ndim=1, floating=True)
+    if bias.shape[0] != out_channels:
+        raise ValueError(f"bias: expected shape [{out_channels}] (one per output channel, Co), "
+                         f"got {_checks.describe(bias)}")
+    _checks.check_finite("bias", bias)
+
+
+def _check_clamp(clamp):
+    """None, or (lo, hi) real numbers with lo < hi (either may be infinite: ReLU is (0, inf))."""
+    if clamp is None:
+        return None
+    if (not isinstance(clamp, (tuple, list)) or len(clamp) != 2
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in clamp)):
+        raise TypeError(f"clamp: expected None or a (lo, hi) pair of floats, got {clamp!r}")
+    lo, hi = float(clamp[0]), float(clamp[1])
+    if not lo < hi:  # also rejects NaN
+        raise ValueError(f"clamp: expected lo < hi, got {clamp!r}")
+    return [lo, hi]
+
+
 def mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size, alpha: Tensor,
-                      v: Tensor | None = None, beta: Tensor | None = None, stride=1, padding=0) -> Tensor:
+                      v: Tensor | None = None, beta: Tensor | None = None, stride=1, padding=0,
+                      bias: Tensor | None = None, clamp=None) -> Tensor:
     """mbn_conv2d with pre-packed weight bases w_packed: int64 [M, Co, KH, KW, ceil(in_channels/64)].
 
-    Differentiable with respect to x, alpha, v and beta (inference and attacks on frozen models).
+    bias: [Co] or None, added per output channel; clamp: (lo, hi) or None, applied last (Hardtanh is
+    (-1, 1), ReLU (0, inf)): out = clamp(mbn + bias, lo, hi), fused into the kernel's epilogue where the
+    backend supports it. Differentiable with respect to x, alpha, v, beta and bias (inference and
+    attacks on frozen models); the clamp passes gradient where lo < out < hi.
     """
     _checks.check_tensor("w_packed", w_packed, ndim=5, dtype=torch.int64)
     kernel_size = _checks.pair("kernel_size", kernel_size, minimum=1)
@@ -361,6 +427,8 @@ def mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size
     _check_input(x, in_channels, kernel_size, stride, padding, "in_channels")
     _check_alpha(alpha, *w_packed.shape[:2])
     beta = _check_activation_args(x, v, beta)
-    _check_same_device(x, w_packed=w_packed, alpha=alpha, v=v, beta=beta)
+    _check_bias(bias, w_packed.shape[1])
+    clamp = _check_clamp(clamp)
+    _check_same_device(x, w_packed=w_packed, alpha=alpha, v=v, beta=beta, bias=bias)
     return _mbn_conv2d_packed(x, w_packed, in_channels, list(kernel_size), alpha, v, beta, list(stride),
-                              list(padding))
+                              list(padding), bias, clamp)

@@ -1,5 +1,6 @@
 // Shared declarations of the bitkern CPU engine (no torch headers: raw buffers only).
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -43,6 +44,11 @@ struct PackJob {
   uint64_t* dst;
   int64_t ph, pw;
   int64_t Kw, Hp, Wp;
+  // Tap folding (Kw == 1 only): fold_dst[f][q] = OR_{u < fold_taps[f]} word[q + u] << (u * C), same
+  // layout as dst. fold_count = 0, 1 or 2 folded planes.
+  int fold_count;
+  int64_t fold_taps[2];
+  uint64_t* fold_dst[2];
 };
 
 // Packs padded rows [r0, r1) of the flattened (b, hp) row index space, all N bases.
@@ -55,6 +61,12 @@ struct ConvPlan {
   int64_t KH, KW, sh, sw, ph, pw, OH, OW, P;  // P = B * OH * OW output pixels
   int64_t N, K;  // K = KH * KW * Kw words per output pixel
   int64_t R;  // pixels per register block
+  // Tap folding for C <= 32 (Kw == 1): G kernel columns share one word (tap u at bits u*C..), so a
+  // kernel row takes NG = ceil(KW / G) words instead of KW (panel and weights built that way).
+  // fold_G == 0: no folding (NG == KW).
+  int64_t fold_G, NG;
+  const uint64_t* fold_full;  // [N][B][Hp][Wp]: groups of fold_G taps
+  const uint64_t* fold_last;  // the last group's tap count (== act when it is a single tap)
   const uint64_t* act;    // [N][B][Hp][Wp][Kw]
   const uint64_t* wt;     // [K][MCp], 64-byte aligned
   const int32_t* base;    // [n_row_cls * n_col_cls][MCp]: KH*KW*C - padding correction
@@ -64,9 +76,20 @@ struct ConvPlan {
   const float* scale;     // [N][MCp] alpha[m, co] * beta[n], 0 on padded columns
   const int32_t* vec_m;   // [MCp / 8] weight base of each 8-column group
   const int32_t* vec_co;  // [MCp / 8] first output channel of each 8-column group
+  // Fused epilogue, applied once per output element on its last contribution (n == N-1, m == M-1):
+  // out = min(max(out + bias[co], clamp_lo), clamp_hi). Skipped entirely when epilogue is false.
+  bool epilogue;
+  const float* bias;      // [Co] or null (no bias)
+  float clamp_lo, clamp_hi;  // -inf / +inf: no clamp on that side
   float* out;             // [P][Co] or null
   int32_t* pairs;         // [M][N][P][Co] or null
 };
+
+// The fused epilogue for one finished output element of channel co (plan.epilogue must be true).
+inline float epilogue_value(const ConvPlan& p, float y, int64_t co) {
+  if (p.bias) y += p.bias[co];
+  return std::min(std::max(y, p.clamp_lo), p.clamp_hi);
+}
 
 // Gathers the activation words of pixels [pix0, pix0 + npix) for base n into panel[K][R]
 // (rows >= npix zero) and their padding classes into cls[R].

@@ -1,6 +1,7 @@
 // Binary conv driver: packs activations once, re-lays weights out as GEMM columns, builds the padding
 // correction table, then runs the ISA-specific XNOR-popcount GEMM over pixel blocks on the pool.
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -72,16 +73,29 @@ int64_t block_rows(Isa isa, int64_t n_vec8) {
 
 void build_panel(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix, uint64_t* panel,
                  int32_t* cls) {
-  const int64_t R = p.R, rowlen = p.KW * p.Kw, rowstride = p.Wp * p.Kw;
-  const uint64_t* act_n = p.act + n * p.B * p.Hp * rowstride;
+  const int64_t R = p.R, rowstride = p.Wp * p.Kw, pstride = p.sw * p.Kw;
+  const int64_t plane = n * p.B * p.Hp * rowstride;
   int64_t ow = pix0 % p.OW, t = pix0 / p.OW, oh = t % p.OH, b = t / p.OH;
-  for (int64_t i = 0; i < npix; ++i) {
-    cls[i] = p.row_cls[oh] * static_cast<int32_t>(p.n_col_cls) + p.col_cls[ow];
-    const uint64_t* src = act_n + (b * p.Hp + oh * p.sh) * rowstride + ow * p.sw * p.Kw;
-    uint64_t* d = panel + i;
-    for (int64_t kh = 0; kh < p.KH; ++kh, src += rowstride)
-      for (int64_t j = 0; j < rowlen; ++j, d += R) *d = src[j];
-    if (++ow == p.OW) {
+  // Runs of pixels within one output row: each panel row k is then a strided gather into contiguous
+  // panel entries.
+  for (int64_t i0 = 0; i0 < npix;) {
+    const int64_t run = std::min(npix - i0, p.OW - ow);
+    const int32_t rc = p.row_cls[oh] * static_cast<int32_t>(p.n_col_cls);
+    for (int64_t i = 0; i < run; ++i) cls[i0 + i] = rc + p.col_cls[ow + i];
+    const int64_t off = plane + (b * p.Hp + oh * p.sh) * rowstride + ow * pstride;
+    uint64_t* d = panel + i0;
+    for (int64_t kh = 0; kh < p.KH; ++kh) {
+      for (int64_t j = 0; j < p.NG * p.Kw; ++j, d += R) {
+        const uint64_t* src =
+            !p.fold_G ? p.act + off + kh * rowstride + j  // j = kw * Kw + word
+                      : (j + 1 < p.NG ? p.fold_full : p.fold_last) + off + kh * rowstride + j * p.fold_G;
+        if (pstride == 1) std::memcpy(d, src, sizeof(uint64_t) * run);
+        else for (int64_t i = 0; i < run; ++i) d[i] = src[i * pstride];
+      }
+    }
+    i0 += run;
+    ow += run;
+    if (ow == p.OW) {
       ow = 0;
       if (++oh == p.OH) oh = 0, ++b;
     }
@@ -112,13 +126,18 @@ void conv_blocks_scalar(const ConvPlan& p, int64_t blk0, int64_t blk1) {
         }
         const int64_t pix = pix0 + i;
         const int32_t* base = p.base + cls[i] * p.MCp;
-        for (int64_t m = 0; m < p.M; ++m)
+        for (int64_t m = 0; m < p.M; ++m) {
+          const bool last = p.epilogue && n == p.N - 1 && m == p.M - 1;
           for (int64_t co = 0; co < p.Co; ++co) {
             const int64_t col = m * p.Cop + co;
             const int32_t dot = base[col] - 2 * static_cast<int32_t>(acc[col]);
             if (p.pairs) p.pairs[((m * p.N + n) * p.P + pix) * p.Co + co] = dot;
-            if (p.out) p.out[pix * p.Co + co] += sc[col] * static_cast<float>(dot);
+            if (!p.out) continue;
+            float& o = p.out[pix * p.Co + co];
+            o += sc[col] * static_cast<float>(dot);
+            if (last) o = epilogue_value(p, o, co);
           }
+        }
       }
     }
   }
@@ -128,7 +147,8 @@ void run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
                     int mode, float v, uint64_t* out, const std::string& isa_name, int threads) {
   const Isa isa = parse_isa(isa_name);
   if (mode != kModeSign && mode != kModeHv) throw std::invalid_argument("mode: expected 0 or 1");
-  PackJob j{x, B, C, H, W, channels_last, mode, &v, 1, out, 0, 0, ceil_div(C, 64), H, W};
+  PackJob j{x, B, C, H, W, channels_last, mode, &v, 1, out, 0, 0, ceil_div(C, 64), H, W, 0, {0, 0},
+            {nullptr, nullptr}};
   const int64_t rows = B * H;
   const int64_t row_work = std::max<int64_t>(1, C * W);
   const int nt = rows * row_work < (1 << 16) ? 1 : resolve_threads(threads);
@@ -139,17 +159,27 @@ void run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
 void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                    const float* alpha, const float* beta, float* out, int32_t* pairs,
-                    const std::string& isa_name, int threads) {
+                    const float* alpha, const float* beta, const float* bias, float clamp_lo,
+                    float clamp_hi, float* out, int32_t* pairs, const std::string& isa_name,
+                    int threads) {
   const Isa isa = parse_isa(isa_name);
   if (mode != kModeSign && mode != kModeHv) throw std::invalid_argument("mode: expected 0 or 1");
   if (mode == kModeSign) N = 1;
+  if (out && (!alpha || !beta)) throw std::invalid_argument("mbn_conv2d: out needs alpha and beta");
+  if (!(clamp_lo <= clamp_hi))
+    throw std::invalid_argument("mbn_conv2d: expected clamp_lo <= clamp_hi (not NaN)");
   ConvPlan p{};
   p.B = B, p.C = C, p.H = H, p.W = W, p.Kw = ceil_div(C, 64), p.Hp = H + 2 * ph, p.Wp = W + 2 * pw;
   p.M = M, p.Co = Co, p.Cop = round_up(Co, 8), p.MCp = M * p.Cop;
   p.KH = KH, p.KW = KW, p.sh = sh, p.sw = sw, p.ph = ph, p.pw = pw;
   p.OH = (p.Hp - KH) / sh + 1, p.OW = (p.Wp - KW) / sw + 1, p.P = B * p.OH * p.OW;
   p.N = N, p.K = KH * KW * p.Kw;
+  p.fold_G = 0, p.NG = KW;
+  if (p.Kw == 1 && C <= 32 && KW >= 2) {
+    p.fold_G = std::min<int64_t>(64 / C, KW);
+    p.NG = ceil_div(KW, p.fold_G);
+    p.K = KH * p.NG;
+  }
   p.R = block_rows(isa, p.MCp / 8);
   if (p.OH <= 0 || p.OW <= 0 || p.P == 0) return;
   const int nt = resolve_threads(threads);
@@ -162,29 +192,43 @@ void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   const auto col_classes = tap_classes(p.OW, sw, pw, KW, W, col_cls);
   const int64_t n_cls = static_cast<int64_t>(row_classes.size() * col_classes.size());
   thread_local Scratch scratch;
+  // Folded planes: one for full groups of fold_G taps, one more when the last group has 2..G-1 taps.
+  const int64_t last_taps = p.fold_G ? KW - (p.NG - 1) * p.fold_G : 0;
+  const int64_t full_taps = p.NG > 1 ? p.fold_G : last_taps;
+  const int n_fold = !p.fold_G ? 0 : (last_taps > 1 && last_taps != full_taps) ? 2 : 1;
   const size_t act_bytes = round_up(act_words * 8, 64), wt_bytes = round_up(wt_words * 8, 64);
-  char* buf = static_cast<char*>(scratch.get(act_bytes + wt_bytes));
+  char* buf = static_cast<char*>(scratch.get(act_bytes * (1 + n_fold) + wt_bytes));
   uint64_t* act = reinterpret_cast<uint64_t*>(buf);
-  uint64_t* wt = reinterpret_cast<uint64_t*>(buf + act_bytes);
+  uint64_t* wt = reinterpret_cast<uint64_t*>(buf + act_bytes * (1 + n_fold));
 
   // 1. Pack activations (all bases) into the zero-padded NHWC bit planes.
-  PackJob j{x, B, C, H, W, channels_last, mode, v, N, act, ph, pw, p.Kw, p.Hp, p.Wp};
+  PackJob j{x, B, C, H, W, channels_last, mode, v, N, act, ph, pw, p.Kw, p.Hp, p.Wp,
+            n_fold, {full_taps, last_taps}, {act + act_words, act + 2 * act_words}};
+  if (p.fold_G) {
+    p.fold_full = act + act_words;
+    p.fold_last = last_taps == 1 ? act : n_fold == 2 ? act + 2 * act_words : p.fold_full;
+  }
   const int64_t rows = B * p.Hp, row_work = std::max<int64_t>(1, N * C * W);
   parallel_for(rows, rows * row_work < (1 << 16) ? 1 : nt,
                std::max<int64_t>(1, (1 << 14) / row_work),
                [&](int64_t r0, int64_t r1) { pack_rows(j, isa, r0, r1); });
 
-  // 2. Weights [M, Co, KH, KW, Kw] -> wt[k][m * Cop + co] (padded columns are zero words), and the
-  //    per-tap popcounts for the padding correction.
+  // 2. Weights [M, Co, KH, KW, Kw] -> wt[k][m * Cop + co] (padded columns are zero words; folded
+  //    taps concatenated like the activations), and the per-tap popcounts for the padding correction.
   std::memset(wt, 0, wt_words * 8);
   std::vector<int32_t> tap_pc(M * p.Cop * KH * KW, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t co = 0; co < Co; ++co) {
       const int64_t col = m * p.Cop + co;
-      const uint64_t* src = w + (m * Co + co) * p.K;
-      for (int64_t k = 0; k < p.K; ++k) {
-        wt[k * p.MCp + col] = src[k];
+      const uint64_t* src = w + (m * Co + co) * KH * KW * p.Kw;
+      for (int64_t k = 0; k < KH * KW * p.Kw; ++k) {
         tap_pc[col * KH * KW + k / p.Kw] += popcount64(src[k]);
+        if (!p.fold_G) {
+          wt[k * p.MCp + col] = src[k];
+        } else {  // Kw == 1: k = kh * KW + kw
+          const int64_t kh = k / KW, kw = k % KW, g = kw / p.fold_G, u = kw % p.fold_G;
+          wt[(kh * p.NG + g) * p.MCp + col] |= src[k] << (u * C);
+        }
       }
     }
   // base[cls][col] = KH*KW*C - sum over padded taps of (C - 2 popcount(w_tap)): padded taps hold
@@ -204,7 +248,8 @@ void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
       }
     }
   std::vector<float> scale(N * p.MCp, 0.0f);
-  for (int64_t n = 0; n < N; ++n)
+  if (out)
+    for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t co = 0; co < Co; ++co)
         scale[n * p.MCp + m * p.Cop + co] = alpha[m * Co + co] * beta[n];
@@ -215,6 +260,8 @@ void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   p.col_cls = col_cls.data(), p.n_col_cls = static_cast<int64_t>(col_classes.size());
   p.scale = scale.data(), p.vec_m = vec_m.data(), p.vec_co = vec_co.data();
   p.out = out, p.pairs = pairs;
+  p.bias = bias, p.clamp_lo = clamp_lo, p.clamp_hi = clamp_hi;
+  p.epilogue = out && (bias || clamp_lo > -INFINITY || clamp_hi < INFINITY);
 
   // 3. Binary GEMM over pixel blocks; each block owns its output rows (no races).
   const int64_t nblk = ceil_div(p.P, p.R);

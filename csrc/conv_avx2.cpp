@@ -55,6 +55,8 @@ BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npi
   const int64_t g = col0 / 8, m = p.vec_m[g], co0 = p.vec_co[g];
   const int64_t nvalid = std::min<int64_t>(8, p.Co - co0);
   const float* sc = p.scale + n * p.MCp + col0;
+  // Columns are visited n-major then m ascending, so (N-1, M-1) is each output's last contribution.
+  const bool last = p.epilogue && n == p.N - 1 && m == p.M - 1;
   alignas(32) uint64_t pc[8];
   for (int i = 0; i < kR && i < npix; ++i) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(pc), acc64[i][0]);
@@ -66,7 +68,9 @@ BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npi
     for (int64_t c = 0; c < nvalid; ++c) {
       const int32_t dot = base[c] - 2 * static_cast<int32_t>(pc[c]);
       if (pr) pr[c] = dot;
-      if (o) o[c] += sc[c] * static_cast<float>(dot);
+      if (!o) continue;
+      o[c] += sc[c] * static_cast<float>(dot);
+      if (last) o[c] = epilogue_value(p, o[c], co0 + c);
     }
   }
 }

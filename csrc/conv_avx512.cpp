@@ -7,6 +7,9 @@
 #if BK_X86
 #include <immintrin.h>
 
+// GCC 12 warns spuriously inside avx512fintrin.h (_mm512_cvtepi64_epi32 undefined source operand).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -37,32 +40,46 @@ BK_TARGET_AVX512 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t n
         acc[i][v] = _mm512_add_epi64(acc[i][v], _mm512_popcnt_epi64(_mm512_xor_si512(av, wv[v])));
     }
   }
-  // Epilogue.
-  const float* sc = p.scale + n * MCp;
+  // Epilogue. Columns of one zmm belong to one weight base m (Cop is a multiple of 8). The first
+  // contribution to an output (n == 0, m == 0) stores, later ones accumulate: no zero-fill needed.
+  // blocks() runs n ascending and column groups (m-major) ascending, so the last contribution is
+  // n == N-1, m == M-1: it adds the bias and clamps (fused epilogue).
   const int64_t Co = p.Co;
+  __mmask8 mask[NV];
+  int64_t co[NV], m[NV];
+  __m256 s[NV], bias[NV];
+  bool first[NV], last[NV];
+  const __m256 lo = _mm256_set1_ps(p.clamp_lo), hi = _mm256_set1_ps(p.clamp_hi);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t col = col0 + 8 * v, g = col / 8;
+    co[v] = p.vec_co[g];
+    m[v] = p.vec_m[g];
+    mask[v] = static_cast<__mmask8>((1u << std::min<int64_t>(8, Co - co[v])) - 1);
+    s[v] = p.out ? _mm256_loadu_ps(p.scale + n * MCp + col) : _mm256_setzero_ps();
+    first[v] = n == 0 && m[v] == 0;
+    last[v] = p.epilogue && n == p.N - 1 && m[v] == p.M - 1;
+    bias[v] = last[v] && p.bias ? _mm256_maskz_loadu_ps(mask[v], p.bias + co[v]) : _mm256_setzero_ps();
+  }
 #pragma GCC unroll 32
   for (int i = 0; i < R; ++i) {
     if (i >= npix) break;
     const int64_t pix = pix0 + i;
-    const int32_t* base = p.base + cls[i] * MCp;
+    const int32_t* base = p.base + cls[i] * MCp + col0;
+    float* orow = p.out ? p.out + pix * Co : nullptr;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const int64_t col = col0 + 8 * v, g = col / 8;
-      const int64_t co = p.vec_co[g];
-      const int64_t nvalid = std::min<int64_t>(8, Co - co);
-      const __mmask8 mask = static_cast<__mmask8>((1u << nvalid) - 1);
       const __m256i pc = _mm512_cvtepi64_epi32(acc[i][v]);
       const __m256i dot = _mm256_sub_epi32(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + col)), _mm256_slli_epi32(pc, 1));
-      if (p.pairs) {
-        const int64_t m = p.vec_m[g];
-        _mm256_mask_storeu_epi32(p.pairs + ((m * p.N + n) * p.P + pix) * Co + co, mask, dot);
-      }
-      if (p.out) {
-        float* o = p.out + pix * Co + co;
-        const __m256 f = _mm256_cvtepi32_ps(dot);
-        const __m256 s = _mm256_loadu_ps(sc + col);
-        _mm256_mask_storeu_ps(o, mask, _mm256_fmadd_ps(f, s, _mm256_maskz_loadu_ps(mask, o)));
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 8 * v)), _mm256_add_epi32(pc, pc));
+      if (p.pairs)
+        _mm256_mask_storeu_epi32(p.pairs + ((m[v] * p.N + n) * p.P + pix) * Co + co[v], mask[v], dot);
+      if (orow) {
+        float* o = orow + co[v];
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s[v]);
+        __m256 y = first[v] ? f : _mm256_add_ps(f, _mm256_maskz_loadu_ps(mask[v], o));
+        if (last[v]) y = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(y, bias[v]), lo), hi);
+        _mm256_mask_storeu_ps(o, mask[v], y);
       }
     }
   }
@@ -78,7 +95,6 @@ BK_TARGET_AVX512 void blocks(const ConvPlan& p, int64_t blk0, int64_t blk1) {
   const int64_t nvec = p.MCp / 8;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     const int64_t pix0 = blk * R, npix = std::min<int64_t>(R, p.P - pix0);
-    if (p.out) std::memset(p.out + pix0 * p.Co, 0, sizeof(float) * npix * p.Co);
     for (int64_t n = 0; n < p.N; ++n) {
       build_panel(p, n, pix0, npix, panel, cls);
       int64_t g = 0;

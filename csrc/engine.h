@@ -10,10 +10,14 @@ void run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
                     int mode, float v, uint64_t* out, const std::string& isa, int threads);
 
 // Multi-base binary conv; see docs/cpu_kernels.md for the layouts. out / pairs may be null.
+// bias ([Co] or null) and [clamp_lo, clamp_hi] (+-inf: none) are fused into out's epilogue.
 void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                    const float* alpha, const float* beta, float* out, int32_t* pairs,
-                    const std::string& isa, int threads);
+                    const float* alpha, const float* beta, const float* bias, float clamp_lo,
+                    float clamp_hi, float* out, int32_t* pairs, const std::string& isa, int threads);
+
+// True when the float32 buffer x[0..n) holds a NaN (one vectorized, multi-threaded pass).
+bool run_has_nan(const float* x, int64_t n, const std::string& isa, int threads);
 
 }  // namespace bk

@@ -158,6 +158,17 @@ BK_TARGET_AVX2 void pack_row_avx2(const PackJob& j, int64_t n, int64_t b, int64_
 }
 #endif
 
+// out[q] = OR_{u < taps, q + u < len} src[q + u] << (u * C)  (tap u of a folded word at bit u*C).
+void fold_row(const uint64_t* __restrict src, uint64_t* __restrict out, const int64_t len,
+              const int64_t taps, const int64_t C) {
+  for (int64_t q = 0; q < len; ++q) out[q] = src[q];
+  for (int64_t u = 1; u < taps; ++u) {
+    const unsigned shift = static_cast<unsigned>(u * C);
+    const int64_t end = len - u;
+    for (int64_t q = 0; q < end; ++q) out[q] |= src[q + u] << shift;
+  }
+}
+
 }  // namespace
 
 void pack_rows(const PackJob& j, Isa isa, int64_t r0, int64_t r1) {
@@ -179,6 +190,13 @@ void pack_rows(const PackJob& j, Isa isa, int64_t r0, int64_t r1) {
       }
     }
   }
+  // Folded planes, from the rows just written (still in cache).
+  for (int f = 0; f < j.fold_count; ++f)
+    for (int64_t n = 0; n < j.N; ++n)
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint64_t* row = dst_row(j, n, r / j.Hp, r % j.Hp);
+        fold_row(row, j.fold_dst[f] + (row - j.dst), j.Wp, j.fold_taps[f], j.C);
+      }
 }
 
 }  // namespace bk

@@ -16,6 +16,15 @@ from python_ref import (binary_conv2d_ref, mbn_conv2d_grads_ref, mbn_conv2d_ref,
 # tolerance relative to the largest magnitude involved.
 FLOAT_RTOL = 2e-6
 
+# Inputs are generated deterministically from each config, so one reference result serves every backend.
+_REF_CACHE = {}
+
+
+def _cached(key, compute):
+    if key not in _REF_CACHE:
+        _REF_CACHE[key] = compute()
+    return _REF_CACHE[key]
+
 
 def _random_configs(count, seed, max_bases=5):
     """Random conv shapes that always include the awkward cases (C not a multiple of 64, stride 2/3,
@@ -57,7 +66,8 @@ def test_binary_conv2d_matches_reference(cpu_backend, cfg):
         w[0, 0] = 0.0
         got = ops.binary_conv2d(x, w, stride=cfg["s"], padding=cfg["p"])
         assert got.dtype == torch.int32
-        want = binary_conv2d_ref(x.numpy(), w.numpy(), cfg["s"], cfg["p"])
+        want = _cached(("binary", str(cfg), channels_last),
+                       lambda: binary_conv2d_ref(x.numpy(), w.numpy(), cfg["s"], cfg["p"]))
         np.testing.assert_array_equal(got.numpy(), want)
 
 
@@ -108,7 +118,8 @@ def test_mbn_conv2d_matches_reference(cpu_backend, cfg):
     for per_channel, sign_mode in ((False, False), (True, False), (True, True)):
         x, w, alpha, v, beta = _mbn_args(cfg, gen, per_channel, sign_mode)
         got = ops.mbn_conv2d(x, w, alpha, v, beta, stride=cfg["s"], padding=cfg["p"])
-        want = mbn_conv2d_ref(x.numpy(), w.numpy(), alpha.numpy(), _np(v), beta.numpy(), cfg["s"], cfg["p"])
+        want = _cached(("mbn", str(cfg), per_channel, sign_mode), lambda: mbn_conv2d_ref(
+            x.numpy(), w.numpy(), alpha.numpy(), _np(v), beta.numpy(), cfg["s"], cfg["p"]))
         assert got.dtype == torch.float32 and got.shape == want.shape
         scale = np.abs(want).max() + cfg["C"] * cfg["k"] ** 2
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=FLOAT_RTOL * scale)
@@ -124,8 +135,9 @@ def test_mbn_conv2d_ste_gradients_match_reference(cpu_backend, cfg):
         out = ops.mbn_conv2d(x, w, alpha, v, beta, stride=cfg["s"], padding=cfg["p"])
         grad_out = torch.randn(out.shape, generator=gen)
         out.backward(grad_out)
-        want = mbn_conv2d_grads_ref(x.detach().numpy(), w.detach().numpy(), alpha.detach().numpy(), _np(v),
-                                    beta.detach().numpy(), grad_out.numpy(), cfg["s"], cfg["p"])
+        want = _cached(("grads", str(cfg), per_channel, sign_mode), lambda: mbn_conv2d_grads_ref(
+            x.detach().numpy(), w.detach().numpy(), alpha.detach().numpy(), _np(v), beta.detach().numpy(),
+            grad_out.numpy(), cfg["s"], cfg["p"]))
         for name, tensor in (("x", x), ("w_bases", w), ("alpha", alpha), ("v", v), ("beta", beta)):
             if tensor is None:
                 continue
@@ -271,3 +283,17 @@ def test_cpp_backend_is_built():
     cpp = dispatch.get("cpp")
     assert cpp.available, cpp.reason
     assert dispatch.backend_for("cpu").name == "cpp" or dispatch.forced_backend()
+
+
+def test_ste_smooth_mode_is_a_triangle_of_the_box_area():
+    x = torch.tensor([[[[-1.5, -0.5, 0.0, 0.75]]]], requires_grad=True)
+    w = torch.ones(1, 1, 1, 1, 1)
+    with ops.ste_mode("smooth"):
+        (grad,) = torch.autograd.grad(ops.mbn_conv2d(x, w, torch.ones(1)).sum(), x)
+    assert grad.flatten().tolist() == [0.0, 1.0, 2.0, 0.5]
+    xv = torch.tensor([[[[0.0, 0.25, 0.5, 1.2]]]], requires_grad=True)
+    with ops.ste_mode("smooth"):
+        (grad,) = torch.autograd.grad(ops.mbn_conv2d(xv, w, torch.ones(1), torch.zeros(1)).sum(), xv)
+    assert grad.flatten().tolist() == [0.0, 1.0, 2.0, 0.0]
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        ops.set_ste_mode("straight")

@@ -34,7 +34,11 @@ def ste_mode(mode: str):
         raise RuntimeError(f"surrogate={mode!r} needs bitkern.ops.set_ste_mode/get_ste_mode, which this "
                            f"build lacks; pass a differentiable surrogate nn.Module instead (BPDA)")
     previous = getter()
-    setter(mode)
+    try:
+        setter(mode)
+    except ValueError as exc:
+        raise ValueError(f"surrogate={mode!r}: bitkern.ops does not support this STE mode ({exc}); "
+                         f"pass a differentiable surrogate nn.Module instead (BPDA)") from exc
     try:
         yield
     finally:
@@ -56,6 +60,8 @@ class Surrogate:
             if spec not in STE_MODES:
                 raise ValueError(f"surrogate must be None, an nn.Module (BPDA), one of {STE_MODES} or a "
                                  f"callable returning a context manager; got {spec!r}")
+            with ste_mode(spec):  # fail now, not mid-attack, if bitkern.ops lacks this mode
+                pass
             self._context_factory = lambda: ste_mode(spec)
         elif callable(spec):
             self._context_factory = spec

@@ -62,6 +62,7 @@ class TorchBackend:
     name = "torch"
     available = True
     reason = ""
+    fused_epilogue = True  # bias / clamp applied in place on the fresh output (no extra tensors)
 
     def supports(self, device) -> bool:
         return True
@@ -70,7 +71,7 @@ class TorchBackend:
         return pack_bits(binarize(x, mode, v))
 
     def mbn_conv2d_packed(self, x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride, padding,
-                          want_pairs=False):
+                          want_pairs=False, bias=None, clamp=None):
         # +-1 sums stay exact in float32 up to 2**24 terms; use float64 beyond.
         exact = torch.float32 if in_channels * kernel_size[0] * kernel_size[1] < 2 ** 24 else torch.float64
         weights = unpack_weight_bases(w_packed, in_channels, exact)
@@ -85,6 +86,10 @@ class TorchBackend:
             w_eff = (alpha2d.to(exact)[:, :, None, None, None] * weights).sum(0).float()
             out = sum(beta[n] * F.conv2d(a.float(), w_eff, stride=stride, padding=padding)
                       for n, a in enumerate(acts))
+            if bias is not None:
+                out.add_(bias.to(out.dtype).reshape(1, -1, 1, 1))
+            if clamp is not None:
+                out.clamp_(float(clamp[0]), float(clamp[1]))
         return out, pairs
 
 

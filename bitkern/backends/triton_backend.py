@@ -9,7 +9,7 @@ import os
 
 import torch
 
-_MODES = ("sign", "hv")
+from bitkern.backends.cuda import check_conv_args, check_pack_args
 
 
 def _interpreting():
@@ -33,16 +33,6 @@ def _probe():
     return True, f"available: {where}", triton_kernels
 
 
-def _pair(value, name):
-    if isinstance(value, int):
-        pair = (value, value)
-    else:
-        pair = tuple(value)
-    if len(pair) != 2 or not all(isinstance(p, int) for p in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
-
-
 class TritonBackend:
     name = "triton"
 
@@ -50,6 +40,11 @@ class TritonBackend:
         self.available, self.reason, self._k = _probe()
         # Interpreter mode is fixed when triton.jit decorates the kernels (at import).
         self.interpret = self.available and _interpreting()
+
+    def supports(self, device) -> bool:
+        """CUDA tensors; CPU tensors too in the interpreter (bitkern.dispatch asks this)."""
+        device_type = torch.device(device).type
+        return device_type == "cuda" or (self.interpret and device_type == "cpu")
 
     # -- helpers ---------------------------------------------------------------------------------
     def _require(self):
@@ -84,15 +79,8 @@ class TritonBackend:
     # -- interface -------------------------------------------------------------------------------
     def pack_signs(self, x, mode="sign", v=0.0):
         """x float [B, C, H, W] or [Co, C, KH, KW] (or [M, Co, C, KH, KW]) -> int64 [..., H, W, Kw]."""
+        check_pack_args(x, mode)
         self._require()
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}"
-                            f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}")
-        if x.dim() not in (4, 5):
-            raise ValueError(f"x must be 4-D [B, C, H, W] or 5-D [M, Co, C, KH, KW], got shape "
-                             f"{tuple(x.shape)}")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self._check_device("x", x)
         lead = x.shape[:-3]
         C, H, W = x.shape[-3:]
@@ -103,84 +91,46 @@ class TritonBackend:
 
     def mbn_conv2d_packed(self, x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride,
                           padding, want_pairs=False):
+        a = check_conv_args(x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride, padding,
+                            want_pairs)
         self._require()
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
-            raise ValueError(f"x must be a float tensor [B, C, H, W], got "
-                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-        if not isinstance(w_packed, torch.Tensor) or w_packed.dtype != torch.int64 or w_packed.dim() != 5:
-            raise ValueError(f"w_packed must be int64 [M, Co, KH, KW, Kw], got "
-                             f"{getattr(w_packed, 'dtype', type(w_packed).__name__)} "
-                             f"{tuple(getattr(w_packed, 'shape', ()))}")
-        B, C, H, W = x.shape
-        if C != in_channels:
-            raise ValueError(f"x has {C} channels but in_channels={in_channels}")
-        KH, KW = _pair(kernel_size, "kernel_size")
-        SH, SW = _pair(stride, "stride")
-        PH, PW = _pair(padding, "padding")
-        if SH < 1 or SW < 1 or PH < 0 or PW < 0:
-            raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, "
-                             f"padding={padding}")
-        M, Co, wkh, wkw, kw_words = w_packed.shape
-        if (wkh, wkw) != (KH, KW) or kw_words != max(1, math.ceil(C / 64)):
-            raise ValueError(f"w_packed shape {tuple(w_packed.shape)} does not match kernel_size="
-                             f"{(KH, KW)} and in_channels={C} (expected [M, Co, {KH}, {KW}, "
-                             f"{max(1, math.ceil(C / 64))}])")
-        if v is not None and v.dim() != 1:
-            raise ValueError(f"v must be 1-D [N] or None, got shape {tuple(v.shape)}")
-        N = 1 if v is None else v.numel()
-        # alpha2d None: only the exact pair counts are wanted (binary_conv2d, alpha/beta gradients)
-        want_out = alpha2d is not None
-        if not (want_out or want_pairs):
-            raise ValueError("nothing to compute: alpha2d is None and want_pairs is False")
-        tensors = [("x", x), ("w_packed", w_packed)]
-        if want_out:
-            if tuple(alpha2d.shape) != (M, Co):
-                raise ValueError(f"alpha2d must have shape [M, Co] = [{M}, {Co}], got "
-                                 f"{tuple(alpha2d.shape)}")
-            if beta is None:
-                beta = torch.ones(N, dtype=torch.float32, device=x.device)
-            if beta.numel() != N:
-                raise ValueError(f"beta must have N = {N} elements, got shape {tuple(beta.shape)}")
-            tensors += [("alpha2d", alpha2d), ("beta", beta)]
+        tensors = [("x", x), ("w_packed", w_packed)] + ([("v", v)] if v is not None else [])
+        tensors += [("alpha2d", alpha2d)] if a.want_out else []
         for name, t in tensors:
             self._check_device(name, t)
             if t.device != x.device:
                 raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        OH = (H + 2 * PH - KH) // SH + 1
-        OW = (W + 2 * PW - KW) // SW + 1
-        if OH <= 0 or OW <= 0:
-            raise ValueError(f"output would be empty: input {H}x{W}, kernel {KH}x{KW}, "
-                             f"stride {(SH, SW)}, padding {(PH, PW)}")
         dev = x.device
+        x3 = x.reshape(a.B, a.C, a.H * a.W).contiguous()
         if v is None:
-            xp = self._launch_pack(x.reshape(B, C, H * W).contiguous(), "sign",
-                                   torch.zeros(1, dtype=torch.float32, device=dev))
+            xp = self._launch_pack(x3, "sign", torch.zeros(1, dtype=torch.float32, device=dev))
         else:
-            xp = self._launch_pack(x.reshape(B, C, H * W).contiguous(), "hv",
-                                   v.to(device=dev, dtype=torch.float32).contiguous())
+            xp = self._launch_pack(x3, "hv", v.to(torch.float32).contiguous())
         w = w_packed.contiguous()
-        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)  # placeholder for unused pointers
-        if want_out:
+        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)  # stands in for unused pointers
+        if a.want_out:
             alpha = alpha2d.to(torch.float32).contiguous()
-            beta_f = beta.to(device=dev, dtype=torch.float32).reshape(N).contiguous()
-            out = torch.empty((B, Co, OH, OW), dtype=torch.float32, device=dev)
+            beta_f = a.beta
+            out = torch.empty((a.B, a.Co, a.OH, a.OW), dtype=torch.float32, device=dev)
         else:
             alpha = beta_f = out = dummy_f
-        pairs = (torch.empty((M, N, B, Co, OH, OW), dtype=torch.int32, device=dev)
+        pairs = (torch.empty((a.M, a.N, a.B, a.Co, a.OH, a.OW), dtype=torch.int32, device=dev)
                  if want_pairs else torch.zeros(1, dtype=torch.int32, device=dev))
-        P = B * OH * OW
-        args = (xp, w, alpha, beta_f, out, pairs, B, H, W, C, kw_words, Co, OH, OW,
-                M, N, KH, KW, SH, SW, PH, PW)
-        flags = dict(WANT_OUT=want_out, WANT_PAIRS=want_pairs)
-        if self.interpret:
-            bp, bc, bk = 64, 16, 4
-            grid = (triton_cdiv(P, bp), triton_cdiv(Co, bc))
-            self._k.mbn_conv_kernel[grid](*args, **flags, BLOCK_P=bp, BLOCK_CO=bc, BLOCK_K=bk)
-        else:
-            def grid(meta):
-                return (triton_cdiv(P, meta["BLOCK_P"]), triton_cdiv(Co, meta["BLOCK_CO"]))
-            self._k.mbn_conv_kernel_tuned[grid](*args, **flags)
-        return (out if want_out else None), (pairs if want_pairs else None)
+        P = a.B * a.OH * a.OW
+        if P > 0 and a.Co > 0:
+            args = (xp, w, alpha, beta_f, out, pairs, a.B, a.H, a.W, a.C, a.kw_words, a.Co, a.OH,
+                    a.OW, a.M, a.N, a.KH, a.KW, a.SH, a.SW, a.PH, a.PW)
+            flags = dict(WANT_OUT=a.want_out, WANT_PAIRS=want_pairs)
+            if self.interpret:
+                bp, bc, bk = 64, 16, 4
+                grid = (triton_cdiv(P, bp), triton_cdiv(a.Co, bc))
+                self._k.mbn_conv_kernel[grid](*args, **flags, BLOCK_P=bp, BLOCK_CO=bc, BLOCK_K=bk)
+            else:
+                def grid(meta):
+                    return (triton_cdiv(P, meta["BLOCK_P"]), triton_cdiv(a.Co, meta["BLOCK_CO"]))
+                with torch.cuda.device(dev):
+                    self._k.mbn_conv_kernel_tuned[grid](*args, **flags)
+        return (out if a.want_out else None), (pairs if want_pairs else None)
 
 
 def triton_cdiv(a, b):

@@ -52,12 +52,12 @@ def pack_signs_kernel(
     p_ok = offs_p < P
     ok = p_ok[:, None] & (chan < C)[None, :]
     src = x_ptr + (lead * C * HW + pix)[:, None] + (chan * HW)[None, :]
-    x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-    if MODE == 1:
+    x = tl.load(src, mask=ok, other=0.0)
+    if MODE == 1:  # the sum in float32, as the reference H_v does
         v = tl.load(v_ptr + n).to(tl.float32)
-        plus = (x + v) >= 0.5
-    else:
-        plus = x >= 0.0
+        plus = (x.to(tl.float32) + v) >= 0.5
+    else:  # compare in the input dtype: a tiny negative float64 must not round to -0.0 first
+        plus = x >= 0
     plus = plus & ok  # unused high bits of the last word stay 0
     # distinct powers of two never carry, so their sum is their bitwise OR (the 1 << 63 term included)
     shifted = plus.to(tl.int64) << bits.to(tl.int64)[None, :]

@@ -10,6 +10,9 @@ from ..attacks._validate import check_inputs
 def data_size(data) -> int:
     if _is_pair(data):
         return int(data[0].shape[0])
+    if isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a torch Dataset or an (x, y) tensor pair, got a bare tensor of shape "
+                        f"{tuple(data.shape)} (labels missing)")
     if isinstance(data, Dataset) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         return len(data)
     raise TypeError(f"data must be a torch Dataset or an (x, y) tensor pair, got {type(data).__name__}")

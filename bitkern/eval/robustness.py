@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
+import zlib
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..attacks import PGD, Attack, Transfer
+from ..attacks import FGSM, GN, PGD, Attack, Transfer
 from ..attacks._validate import check_int, check_labels_fit
 from ..attacks.base import frozen_state
 from ._data import iter_batches, num_batches
@@ -47,7 +48,7 @@ def _model_info(model) -> dict:
 
 
 def _run_seed(seed: int, *keys: int) -> int:
-    """Independent, order-free seed per (attack, run, batch)."""
+    """Independent seed per (attack name, run, batch): results do not depend on the attack order."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint32)[0])
 
 
@@ -106,12 +107,12 @@ def robustness(model, data, attacks, restarts=5, batch_size=256, device="cpu", p
             if sanity and have < sanity_examples:
                 subset_x.append(xb[:sanity_examples - have])
                 subset_y.append(yb[:sanity_examples - have])
-            for a, (name, atk) in enumerate(named.items()):
+            for name, atk in named.items():
                 white_box = not isinstance(atk, Transfer)
                 record = record_iterations and white_box and hasattr(atk, "steps")
                 batch_curves = []
                 for r in range(runs[name]):
-                    atk.manual_seed(_run_seed(seed, a, r, b))
+                    atk.manual_seed(_run_seed(seed, zlib.crc32(name.encode()), r, b))
                     out = atk.run(xb, yb, restarts=1, record=record)
                     x_adv = out.x_adv.to(device)
                     with frozen_state([model]), torch.no_grad():
@@ -177,15 +178,13 @@ def _sanity(model, named, result, main, x, y, restarts, seed, tol_pp) -> dict:
         if "curve" in s:
             checks.append(curve_check(f"iterations_non_increasing[{name}]", s["curve"]["mean"],
                                       s["curve"]["worst"], n, tol_pp))
-    kinds = {"FGSM": "fgsm", "GN": "gn"}
-    white = [k for k, a in named.items() if isinstance(a, PGD) and not isinstance(a, Transfer)]
+    # a multi-step white-box attack must beat, in the same eps-ball: FGSM, noise and transfer
+    white = [k for k, a in named.items() if isinstance(a, PGD)]
     for k in white:
+        eps = named[k].eps
         for other, a in named.items():
-            if type(a).__name__ in kinds and a.eps in (None, named[k].eps) and \
-                    (type(a).__name__ != "FGSM" or a.eps == named[k].eps):
-                checks.append(ordering_check(f"{k}_at_least_{other}", stats[k]["mean"], stats[other]["mean"],
-                                             n, tol_pp, k, other))
-            if isinstance(a, Transfer) and a.eps == named[k].eps:
+            same_ball = a.eps is not None and a.eps <= eps + BUDGET_SLACK
+            if isinstance(a, (FGSM, GN, Transfer)) and same_ball:
                 checks.append(ordering_check(f"{k}_at_least_{other}", stats[k]["mean"], stats[other]["mean"],
                                              n, tol_pp, k, other))
     report = {"passed": None, "checks": checks}

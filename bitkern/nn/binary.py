@@ -52,19 +52,22 @@ def weight_bases(weight: torch.Tensor, u: torch.Tensor, per_channel: bool) -> to
 
 
 def least_squares_alpha(weight: torch.Tensor, bases: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """alpha = argmin ||W - sum_m alpha_m sign(B_m)||^2 (no intercept), [M, Co] or [M]."""
+    """alpha = argmin ||W - sum_m alpha_m sign(B_m)||^2 (no intercept), [M, Co] or [M].
+
+    Solved through the M x M normal equations in float64 with the minimum-norm (SVD) solver, which is
+    the least-squares solution of minimum norm also when bases coincide (rank-deficient channels).
+    """
     signs = torch.where(bases >= 0, 1.0, -1.0).to(torch.float64)
     target = weight.detach().to(torch.float64)
     M = bases.shape[0]
     if per_channel:
         a = signs.reshape(M, weight.shape[0], -1).permute(1, 2, 0)  # [Co, K, M]
         b = target.reshape(weight.shape[0], -1, 1)                  # [Co, K, 1]
-        # gelsd handles rank-deficient channels (identical bases) with the minimum-norm solution.
-        sol = torch.linalg.lstsq(a, b, driver="gelsd").solution      # [Co, M, 1]
-        return sol[..., 0].t().contiguous().to(torch.float32)
-    a = signs.reshape(M, -1).t()
-    sol = torch.linalg.lstsq(a, target.reshape(-1, 1), driver="gelsd").solution
-    return sol[:, 0].to(torch.float32)
+    else:
+        a, b = signs.reshape(1, M, -1).transpose(1, 2), target.reshape(1, -1, 1)
+    gram, rhs = a.transpose(1, 2) @ a, a.transpose(1, 2) @ b        # [G, M, M], [G, M, 1]
+    sol = (torch.linalg.pinv(gram, hermitian=True) @ rhs)[..., 0]   # [G, M]
+    return (sol.t().contiguous() if per_channel else sol[0]).to(torch.float32)
 
 
 class MBNConv2d(nn.Conv2d):

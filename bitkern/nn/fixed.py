@@ -27,8 +27,10 @@ def pact_quantize(x: torch.Tensor, clip: torch.Tensor, bits: int) -> torch.Tenso
     """
     y = torch.minimum(F.relu(x), clip)
     levels = 2 ** bits - 1
-    scale = levels / clip
-    return round_ste(y * scale) / scale
+    with torch.no_grad():
+        scale = levels / clip
+        quantized = torch.round(y * scale) / scale
+    return y + (quantized - y).detach()
 
 
 def dorefa_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:

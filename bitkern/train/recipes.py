@@ -9,6 +9,7 @@ Perturbation sizes are in input units ([0, 1] images): eps = 8/255 means 8 pixel
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -61,8 +62,8 @@ class Recipe:
 
     def __init__(self, eps: float = DEFAULT_EPS, **unknown: Any):
         if unknown:
-            raise ValueError(f"recipe {self.name!r}: unknown argument(s) {sorted(unknown)}; "
-                             f"accepted: {sorted(self.args())}")
+            accepted = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "unknown")]
+            raise ValueError(f"recipe {self.name!r}: unknown argument(s) {sorted(unknown)}; accepted: {accepted}")
         self.eps = _check_nonneg("eps", eps)
         self.generator = torch.Generator()
 

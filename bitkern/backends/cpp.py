@@ -1,0 +1,231 @@
+"""C++ CPU backend: the bitkern._C extension (packed XNOR-popcount kernels, AVX-512 / AVX2 / scalar).
+
+The extension works on raw pointers; this module checks dtype, shape, contiguity and device, allocates
+the outputs with torch and passes `data_ptr()`s. Importing it never fails: when bitkern._C cannot be
+loaded, `backend.available` is False and `backend.reason` says why.
+
+ISA: env BITKERN_ISA=avx512|avx2|scalar (read at every call) or set_isa(name); default the best one.
+Threads: env BITKERN_NUM_THREADS (read at every call), else torch.get_num_threads().
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from bitkern import _C
+    _IMPORT_ERROR = ""
+except Exception as exc:  # missing build, wrong ABI, ...: report, never raise at import
+    _C = None
+    _IMPORT_ERROR = f"bitkern._C could not be imported ({type(exc).__name__}: {exc}); " \
+                    "build it with `pip install -e . --no-build-isolation`"
+
+ISAS = ("avx512", "avx2", "scalar")
+_MODES = {"sign": 0, "hv": 1}
+_isa_override: str | None = None
+
+
+def set_isa(name: str | None) -> None:
+    """Force an ISA path for this process (None: back to BITKERN_ISA / best available)."""
+    global _isa_override
+    if name is not None:
+        _validate_isa(name, "set_isa")
+    _isa_override = name
+
+
+def _validate_isa(name: str, source: str) -> str:
+    if name not in ISAS:
+        raise ValueError(f"{source}: unknown ISA {name!r}; expected one of {list(ISAS)}")
+    supported = backend.isa_supported()
+    if name not in supported:
+        raise RuntimeError(f"{source}: ISA {name!r} is not supported by this CPU/OS "
+                           f"(supported: {supported})")
+    return name
+
+
+def current_isa() -> str:
+    """The ISA the next call will use."""
+    if _isa_override is not None:
+        return _isa_override
+    env = os.environ.get("BITKERN_ISA")
+    if env:
+        return _validate_isa(env.strip().lower(), "BITKERN_ISA")
+    return backend.isa_supported()[0]
+
+
+def num_threads() -> int:
+    """Threads the next call will use: BITKERN_NUM_THREADS, else torch.get_num_threads()."""
+    env = os.environ.get("BITKERN_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"BITKERN_NUM_THREADS: expected a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"BITKERN_NUM_THREADS: expected a positive integer, got {env!r}")
+        return n
+    return max(1, torch.get_num_threads())
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {tuple(value)!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_cpu_tensor(name: str, t, dtype: torch.dtype, ndim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: the cpp backend runs on CPU tensors, got device {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype} (shape {tuple(t.shape)})")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _clamp_bounds(clamp) -> tuple[float, float]:
+    """(lo, hi) floats with lo < hi, or (-inf, inf) for clamp=None."""
+    if clamp is None:
+        return float("-inf"), float("inf")
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise TypeError(f"clamp: expected None or a (lo, hi) pair of floats, got {clamp!r}")
+    lo, hi = float(clamp[0]), float(clamp[1])
+    if not lo < hi:
+        raise ValueError(f"clamp: expected lo < hi, got {clamp!r}")
+    return lo, hi
+
+
+def _activation_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x itself when NCHW- or channels_last-contiguous (no copy), else an NCHW-contiguous copy."""
+    if x.is_contiguous():
+        return x, False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+class CppBackend:
+    name = "cpp"
+    fused_epilogue = True  # mbn_conv2d_packed applies bias / clamp inside the kernel's epilogue
+
+    def __init__(self):
+        self.available = _C is not None
+        self.reason = _IMPORT_ERROR
+
+    def supports(self, device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    def isa_supported(self) -> list[str]:
+        """ISA paths usable here, best first (subset of ["avx512", "avx2", "scalar"])."""
+        self._require()
+        return list(_C.isa_supported())
+
+    def _require(self):
+        if not self.available:
+            raise RuntimeError(f"cpp backend unavailable: {self.reason}")
+
+    def has_nan(self, t: torch.Tensor) -> bool:
+        """NaN scan in one vectorized pass (torch's isnan().any() costs ~10x more on large inputs)."""
+        self._require()
+        dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not dense:
+            return bool(torch.isnan(t).any())
+        return bool(_C.has_nan(t.data_ptr(), t.numel(), current_isa(), num_threads()))
+
+    def pack_signs(self, x: torch.Tensor, mode: str = "sign", v: float = 0.0) -> torch.Tensor:
+        """float32 [B, C, H, W] -> int64 [B, H, W, ceil(C/64)] (bit = x >= 0, or fl32(x + v) >= 0.5)."""
+        self._require()
+        _check_cpu_tensor("x", x, torch.float32, 4)
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected 'sign' or 'hv', got {mode!r}")
+        x, channels_last = _activation_layout(x)
+        batch, channels, height, width = x.shape
+        out = torch.empty((batch, height, width, -(-channels // 64)), dtype=torch.int64)
+        if out.numel():
+            _C.pack_signs(x.data_ptr(), batch, channels, height, width, channels_last, _MODES[mode],
+                          float(v), out.data_ptr(), current_isa(), num_threads())
+        return out
+
+    def mbn_conv2d_packed(self, x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride, padding,
+                          want_pairs=False, bias=None, clamp=None):
+        """Multi-base binary conv on packed weights; see docs/architecture.md (Backends).
+
+        bias (float32 [Co] or None) and clamp ((lo, hi) or None) are fused into out's epilogue:
+        out = clamp(sum_{m,n} alpha * beta * conv_mn + bias, lo, hi); pairs are unaffected.
+        Returns (out float32 [B, Co, OH, OW] in channels_last memory format, or None when alpha2d is
+        None; pairs int32 [M, N, B, Co, OH, OW] (a permuted view) or None)."""
+        self._require()
+        _check_cpu_tensor("x", x, torch.float32, 4)
+        _check_cpu_tensor("w_packed", w_packed, torch.int64, 5)
+        kh, kw = _pair("kernel_size", kernel_size, 1)
+        (sh, sw), (ph, pw) = _pair("stride", stride, 1), _pair("padding", padding, 0)
+        batch, channels, height, width = x.shape
+        if channels != in_channels:
+            raise ValueError(f"x: expected {in_channels} channels (in_channels), got shape {tuple(x.shape)}")
+        words = -(-in_channels // 64)
+        num_w, out_ch = w_packed.shape[:2]
+        if tuple(w_packed.shape[2:]) != (kh, kw, words):
+            raise ValueError(f"w_packed: expected shape [M, Co, {kh}, {kw}, {words}] for kernel {kh}x{kw} "
+                             f"and {in_channels} input channels, got {tuple(w_packed.shape)}")
+        if height + 2 * ph < kh or width + 2 * pw < kw:
+            raise ValueError(f"kernel {kh}x{kw} is larger than the padded input ({height}+2*{ph})x"
+                             f"({width}+2*{pw}) of x with shape {tuple(x.shape)}")
+        if v is None:
+            mode, num_a = 0, 1
+            v = torch.zeros(1, dtype=torch.float32)
+        else:
+            mode = 1
+            v = _check_cpu_tensor("v", v, torch.float32, 1).contiguous()
+            num_a = v.numel()
+            if num_a < 1:
+                raise ValueError("v: expected at least one activation shift, got an empty tensor")
+        if beta is None:
+            beta = torch.ones(num_a, dtype=torch.float32)
+        beta = _check_cpu_tensor("beta", beta, torch.float32, 1).contiguous()
+        if beta.numel() != num_a:
+            raise ValueError(f"beta: expected {num_a} entries (one per activation base), "
+                             f"got shape {tuple(beta.shape)}")
+        if alpha2d is not None:
+            alpha2d = _check_cpu_tensor("alpha2d", alpha2d, torch.float32, 2).contiguous()
+            if tuple(alpha2d.shape) != (num_w, out_ch):
+                raise ValueError(f"alpha2d: expected shape ({num_w}, {out_ch}) = [M, Co], "
+                                 f"got {tuple(alpha2d.shape)}")
+        if bias is not None:
+            bias = _check_cpu_tensor("bias", bias, torch.float32, 1).contiguous()
+            if bias.numel() != out_ch:
+                raise ValueError(f"bias: expected shape [{out_ch}] = [Co], got {tuple(bias.shape)}")
+        clamp_lo, clamp_hi = _clamp_bounds(clamp)
+        oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        x, channels_last = _activation_layout(x)
+        w_packed = w_packed.contiguous()
+        out = pairs = None
+        if alpha2d is not None:
+            out = torch.empty((batch, oh, ow, out_ch), dtype=torch.float32).permute(0, 3, 1, 2)
+        if want_pairs:
+            pairs = torch.empty((num_w, num_a, batch, oh, ow, out_ch), dtype=torch.int32).permute(
+                0, 1, 2, 5, 3, 4)
+        if batch * out_ch * oh * ow and (out is not None or pairs is not None):
+            _C.mbn_conv2d(x.data_ptr(), batch, channels, height, width, channels_last, w_packed.data_ptr(),
+                          num_w, out_ch, kh, kw, mode, v.data_ptr(), num_a, sh, sw, ph, pw,
+                          alpha2d.data_ptr() if alpha2d is not None else 0, beta.data_ptr(),
+                          bias.data_ptr() if bias is not None else 0, clamp_lo, clamp_hi,
+                          out.data_ptr() if out is not None else 0,
+                          pairs.data_ptr() if pairs is not None else 0, current_isa(), num_threads())
+        elif batch * channels * height * width == 0 and out is not None:
+            out.zero_()
+            if bias is not None:
+                out.add_(bias.reshape(1, -1, 1, 1))
+            if clamp is not None:
+                out.clamp_(clamp_lo, clamp_hi)
+        return out, pairs
+
+
+backend = CppBackend()

@@ -1,0 +1,433 @@
+"""The ``bitkern`` command: train, eval, sweep (the study), bops, simulate, bench.
+
+User errors (unknown spec, missing data, bad numbers) print one line on stderr and exit with code 2;
+set BITKERN_DEBUG=1 to get the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+PROG = "bitkern"
+
+
+class UsageError(ValueError):
+    """A problem with the command line or the files it names."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump) with exit code 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ------------------------------------------------------------------------------- value parsers
+def _number(text: str) -> float:
+    """'0.03', '8/255' or '2e-3' -> float."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 0.03 or 8/255)") from None
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _pos_number(text: str) -> float:
+    v = _number(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def _csv(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("empty list")
+    return items
+
+
+def _int_list(text: str) -> list[int]:
+    return [_pos_int(s) for s in _csv(text)]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    dims = tuple(_pos_int(s) for s in text.replace("x", ",").split(","))
+    if len(dims) != 3:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}")
+    return dims
+
+
+def _recipe_args(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"--recipe-arg expects key=value, got {pair!r}")
+        key, val = pair.split("=", 1)
+        key, val = key.strip(), val.strip()
+        if val.lower() in ("true", "false"):
+            out[key] = val.lower() == "true"
+            continue
+        try:
+            out[key] = int(val)
+        except ValueError:
+            try:
+                out[key] = _number(val)
+            except argparse.ArgumentTypeError:
+                raise UsageError(f"--recipe-arg {key}: value {val!r} is not a number") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------- parser
+def _add_data_args(p, default_dataset="digits"):
+    from .data import DATASETS
+
+    p.add_argument("--dataset", default=default_dataset, choices=DATASETS, help="dataset (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="directory with the dataset files (not needed for digits)")
+    p.add_argument("--image-size", type=_pos_int, default=32, help="imagefolder: resize to this size")
+
+
+def _add_runtime_args(p):
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default: cpu)")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--threads", type=_pos_int, default=None,
+                   help="torch CPU threads (default: 1 for digits, whose tiny tensors gain nothing from "
+                        "threads, else torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _add_train_args(p, epochs_default_help):
+    from .train import RECIPES, SCHEDULES
+
+    p.add_argument("--recipe", default="natural", choices=list(RECIPES), help="training recipe")
+    p.add_argument("--recipe-arg", action="append", metavar="KEY=VALUE",
+                   help="recipe argument, repeatable (pgd/bim: steps, alpha; free: m; dq: beta; "
+                        "odgq: n_k, lam, eps_l; fastat: alpha_factor)")
+    p.add_argument("--train-eps", type=_pos_number, default=8 / 255,
+                   help="perturbation budget of adversarial recipes (default 8/255)")
+    p.add_argument("--epochs", type=_pos_int, default=None, help=epochs_default_help)
+    p.add_argument("--batch-size", type=_pos_int, default=None)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=None)
+    p.add_argument("--lr", type=_pos_number, default=None)
+    p.add_argument("--weight-decay", type=_number, default=None)
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the recipe's")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip (default: on for CIFAR / image folders)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="bitkern: multi-bit network kernels and their adversarial robustness")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("sweep", help="the study: train, freeze, attack and count every quant spec",
+                       description="Train each quant spec, freeze it, evaluate Top-1 / PGD-20 / PGD-50 and "
+                                   "BOPS; write results.{json,csv,md} and plots. With no arguments it runs the "
+                                   "8-spec ResNet-20 study on the bundled digits data.")
+    _add_data_args(p)
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--specs", type=_csv, default=None,
+                   help="comma-separated quant specs (default: fp,pact-w4a4,pact-w2a2,xnor,mbn1x3,mbn3x1,"
+                        "mbn3x3,mbn5x1)")
+    _add_train_args(p, "training epochs (default per dataset, digits: 8)")
+    p.add_argument("--eps", type=_pos_number, default=2 / 255, help="PGD budget (default 2/255)")
+    p.add_argument("--alpha", type=_pos_number, default=0.5 / 255, help="PGD step (default 0.5/255)")
+    p.add_argument("--pgd-steps", type=_int_list, default=[20, 50], help="default 20,50")
+    p.add_argument("--restarts", type=_pos_int, default=5)
+    p.add_argument("--eval-samples", type=_nonneg_int, default=None,
+                   help="test examples attacked (0 = all; default per dataset, digits: 100)")
+    p.add_argument("--sanity", action="store_true", help="also run bitkern.eval's sanity report per config")
+    p.add_argument("--out", default="results/sweep", help="output directory (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue a killed sweep in --out")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("train", help="train one model")
+    _add_data_args(p)
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--quant", default="fp", help="quant spec, e.g. fp, pact-w4a4, xnor, mbn3x1")
+    _add_train_args(p, "training epochs (default per dataset, digits: 8)")
+    p.add_argument("--out", default="runs/train", help="run directory (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a trained model (Top-1 and PGD)")
+    p.add_argument("model", help="model.safetensors written by `bitkern train`/`sweep`, or a frozen model")
+    _add_data_args(p)
+    p.add_argument("--eps", type=_pos_number, default=2 / 255)
+    p.add_argument("--alpha", type=_pos_number, default=0.5 / 255)
+    p.add_argument("--pgd-steps", type=_int_list, default=[20, 50])
+    p.add_argument("--restarts", type=_pos_int, default=5)
+    p.add_argument("--eval-samples", type=_nonneg_int, default=0, help="0 = whole test set")
+    p.add_argument("--out", default=None, help="write <out>.json/.md/.npz")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("bops", help="per-layer MACs and BOPS of a model")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--quant", default="fp")
+    p.add_argument("--input-shape", type=_shape, default=(3, 32, 32), help="C,H,W (default 3,32,32)")
+    p.add_argument("--num-classes", type=_pos_int, default=10)
+    p.add_argument("--convention", choices=("exact", "paper"), default="exact")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("simulate", help="bit-serial accelerator model of a network")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--quant", default="pact-w2a2")
+    p.add_argument("--compare", type=_csv, default=None, help="comma-separated specs to compare")
+    p.add_argument("--input-shape", type=_shape, default=(3, 32, 32))
+    p.add_argument("--num-classes", type=_pos_int, default=10)
+    p.add_argument("--pes", type=_pos_int, default=16)
+    p.add_argument("--lanes", type=_pos_int, default=256)
+    p.add_argument("--clock-mhz", type=_pos_number, default=1000.0)
+    p.add_argument("--serial", choices=("both", "weights", "activations"), default="both")
+    p.add_argument("--verify", action="store_true", help="check fixed-point layers bit-exactly")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="benchmarks: pytest-benchmark suite, or --quick op timings")
+    p.add_argument("--quick", action="store_true", help="in-process timing table of the packed ops")
+    p.add_argument("--repeat", type=_pos_int, default=20, help="--quick: timed calls per op")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest")
+    return parser
+
+
+# ---------------------------------------------------------------------------------- commands
+def _setup_threads(args) -> None:
+    import torch
+
+    threads = args.threads or (1 if getattr(args, "dataset", None) == "digits" else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _progress(args):
+    return False if args.no_progress else None
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import DEFAULT_SPECS, SweepConfig, run_sweep
+
+    _setup_threads(args)
+    cfg = SweepConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
+                      specs=tuple(args.specs or DEFAULT_SPECS), recipe=args.recipe,
+                      recipe_args=_recipe_args(args.recipe_arg), epochs=args.epochs, batch_size=args.batch_size,
+                      optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                      augment=args.augment, train_eps=args.train_eps, eval_eps=args.eps, eval_alpha=args.alpha,
+                      pgd_steps=tuple(args.pgd_steps), restarts=args.restarts, eval_samples=args.eval_samples,
+                      image_size=args.image_size, device=args.device, seed=args.seed, out=args.out,
+                      resume=args.resume, sanity=args.sanity, progress=_progress(args))
+    run_sweep(cfg, log=lambda s: print(s, flush=True))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import checkpoint as ckpt
+    from .data import dataset_info, load_dataset
+    from .models import create, parse_quant
+    from .sweep import defaults_for
+    from .train import evaluate_accuracy, fit
+
+    _setup_threads(args)
+    parse_quant(args.quant)
+    d = defaults_for(args.dataset)
+    x_tr, y_tr = load_dataset(args.dataset, args.data_dir, "train", image_size=args.image_size)
+    x_te, y_te = load_dataset(args.dataset, args.data_dir, "test", image_size=args.image_size)
+    num_classes = dataset_info(args.dataset)["num_classes"] or int(max(y_tr.max(), y_te.max())) + 1
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = create(args.arch, args.quant, num_classes=num_classes, in_channels=int(x_tr.shape[1]))
+    out = Path(args.out)
+    cdir = out / "checkpoint"
+    if ckpt.has_checkpoint(cdir) and not args.resume:
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    meta = {"arch": args.arch, "quant": args.quant, "num_classes": num_classes, "in_channels": int(x_tr.shape[1]),
+            "dataset": args.dataset}
+    pick = lambda v, k: d[k] if v is None else v  # noqa: E731
+    t0 = time.perf_counter()
+    res = fit(model, (x_tr, y_tr), recipe=args.recipe, recipe_args=_recipe_args(args.recipe_arg),
+              eps=args.train_eps, epochs=pick(args.epochs, "epochs"), batch_size=pick(args.batch_size, "batch_size"),
+              lr=pick(args.lr, "lr"), optimizer=pick(args.optimizer, "optimizer"),
+              weight_decay=pick(args.weight_decay, "weight_decay"), schedule=args.schedule,
+              augment=pick(args.augment, "augment"), device=args.device, seed=args.seed, checkpoint_dir=cdir,
+              resume=args.resume, log_path=out / "train_log.jsonl", eval_data=(x_te, y_te),
+              progress=_progress(args), meta=meta,
+              on_epoch=lambda r: print(json.dumps(r), flush=True))
+    path = ckpt.save_model(out / "model.safetensors", model,
+                           {**meta, "recipe": res.recipe, "recipe_args": res.recipe_args})
+    acc = evaluate_accuracy(model, (x_te, y_te), device=args.device)
+    print(f"trained {args.arch} {args.quant} ({res.recipe}, {res.epochs_run} epochs) in "
+          f"{time.perf_counter() - t0:.1f}s: test top-1 {acc:.2f}%; weights in {path}")
+    return 0
+
+
+def _load_any_model(path: Path):
+    from . import checkpoint as ckpt
+
+    if not path.is_file():
+        raise UsageError(f"model file not found: {path}")
+    if path.with_suffix(".json").is_file():
+        return ckpt.load_model(path)
+    from .freeze import load_frozen
+
+    return load_frozen(path)
+
+
+def cmd_eval(args) -> int:
+    from .attacks import PGD
+    from .data import load_dataset
+    from .eval import robustness
+    from .freeze import freeze
+    from .train import evaluate_accuracy
+
+    _setup_threads(args)
+    model = _load_any_model(Path(args.model))
+    x, y = load_dataset(args.dataset, args.data_dir, "test", image_size=args.image_size)
+    frozen = freeze(model).to(args.device)
+    top1 = evaluate_accuracy(frozen, (x, y), device=args.device)
+    n = x.shape[0] if args.eval_samples == 0 else min(args.eval_samples, x.shape[0])
+    attacks = {f"PGD-{s}": PGD(frozen, eps=args.eps, alpha=args.alpha, steps=s) for s in args.pgd_steps}
+    res = robustness(frozen, (x[:n], y[:n]), attacks, restarts=args.restarts, device=args.device,
+                     progress=not args.no_progress, seed=args.seed, sanity=False)
+    print(f"top-1 (frozen, {x.shape[0]} test examples): {top1:.2f}%")
+    for name, s in res.attacks.items():
+        print(f"{name} on {n} examples: mean {s['mean']:.2f}% ± {s['std']:.2f}, worst case {s['worst']:.2f}%")
+    if args.out:
+        res.save(args.out)
+    return 0
+
+
+def cmd_bops(args) -> int:
+    from .bops import count
+    from .models import create
+
+    model = create(args.arch, args.quant, num_classes=args.num_classes, in_channels=args.input_shape[0])
+    report = count(model, args.input_shape, convention=args.convention)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .bitserial import Accelerator, compare_networks, simulate_network
+    from .models import create
+
+    accel = Accelerator(pes=args.pes, lanes=args.lanes, clock_hz=args.clock_mhz * 1e6, serial=args.serial)
+    if args.compare:
+        cmp = compare_networks(args.arch, tuple(args.compare), args.input_shape, accel, args.num_classes)
+        print(json.dumps({k: r.to_dict() for k, r in cmp.reports.items()}, indent=2) if args.json else cmp.table())
+        return 0
+    model = create(args.arch, args.quant, num_classes=args.num_classes, in_channels=args.input_shape[0])
+    report = simulate_network(model, args.input_shape, accel, verify=args.verify)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _quick_bench(repeat: int) -> str:
+    """Median time per call of the packed ops on a ResNet-20-sized layer (batch 32, 16 -> 16 ch, 32x32)."""
+    import torch
+
+    from . import dispatch, ops
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 16, 32, 32, generator=gen)
+    w = torch.randn(16, 16, 3, 3, generator=gen)
+    rows = []
+
+    def timed(name, fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        times.sort()
+        rows.append((name, times[len(times) // 2] * 1e3))
+
+    timed("F.conv2d fp32 (reference)", lambda: torch.nn.functional.conv2d(x, w, padding=1))
+    timed("pack_signs", lambda: ops.pack_signs(x))
+    timed("binary_conv2d", lambda: ops.binary_conv2d(x, w, padding=1))
+    for m, n in ((1, 1), (3, 1), (1, 3), (3, 3)):
+        wb = torch.randn(m, 16, 16, 3, 3, generator=gen)
+        alpha = torch.rand(m, generator=gen)
+        v = torch.linspace(-0.5, 0.5, n) if n > 1 else None
+        timed(f"mbn_conv2d {m}x{n}", lambda wb=wb, alpha=alpha, v=v: ops.mbn_conv2d(x, wb, alpha, v, None, padding=1))
+    backend = dispatch.backend_for(x.device).name
+    lines = [f"backend {backend}, {torch.get_num_threads()} threads, x [32,16,32,32], w [16,16,3,3], "
+             f"median of {repeat}", f"{'op':28s} {'ms/call':>9s}", "-" * 38]
+    lines += [f"{name:28s} {ms:9.3f}" for name, ms in rows]
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    if args.quick:
+        print(_quick_bench(args.repeat))
+        return 0
+    root = Path(__file__).resolve().parent.parent
+    bench_dir = root / "benchmarks"
+    if not bench_dir.is_dir():
+        raise UsageError(f"no benchmarks directory at {bench_dir} (run from a source checkout, or use --quick)")
+    extra = [a for a in args.pytest_args if a != "--"]
+    cmd = [sys.executable, "-m", "pytest", str(bench_dir), "--benchmark-only", "-q", *extra]
+    return subprocess.call(cmd, cwd=str(root))
+
+
+COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "eval": cmd_eval, "bops": cmd_bops,
+            "simulate": cmd_simulate, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("BITKERN_DEBUG") == "1"
+    if not argv:
+        argv = ["sweep"]  # the main job: `bitkern` alone reproduces the study on digits
+    try:
+        from .checkpoint import CheckpointError
+        from .data import DataError
+        from .sweep import SweepError
+
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError(f"{PROG}: choose a command: {', '.join(COMMANDS)}")
+        return COMMANDS[args.command](args)
+    except (UsageError, SweepError, DataError, CheckpointError) as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}" if not str(e).startswith(PROG) else f"{e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # bad values caught by the library's own argument checks (e.g. an unknown quant spec)
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (rerun with --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Packed inference models: bitkern.freeze(model) and bitkern.load_frozen(path).
+
+freeze() deep-copies the model and replaces every MBN / XNOR layer by a PackedMBNConv2d that holds the
+sign bits of its weight bases pre-packed as int64 [M, Co, KH, KW, Kw] (no latent float weights) plus
+alpha / v / beta as buffers, and computes through bitkern.ops.mbn_conv2d_packed (differentiable in the
+input, so attacks still work). Pruning masks are baked into the weights.
+
+With fuse=True (default) an eval BatchNorm2d right after a packed conv is folded into it (alpha becomes
+alpha * gamma / sqrt(var + eps) per output channel, [M, Co]; bias = beta_bn - mean * gamma / sqrt(var +
+eps)), and a Hardtanh / ReLU that only feeds the next layer (act1 of a BasicBlock; an activation after the
+BN inside an nn.Sequential) becomes the conv's clamp: both run in the packed kernel's epilogue and the
+BN / activation modules become nn.Identity. act2 of a BasicBlock follows the residual add and is kept.
+Logits equal the original eval model's up to float32 rounding (the sums are taken in another order;
+tests use rtol/atol 1e-4 with identical predictions); input gradients use the same STE masks.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from . import ops
+from ._io import atomic_path
+from .nn import MBNConv2d, MBNLinear, XNORConv2d, XNORLinear
+
+FORMAT = "bitkern-frozen"
+FORMAT_VERSION = 2  # v2: BatchNorm / activation folding (meta "fused"); v1 files still load
+
+
+class PackedMBNConv2d(nn.Module):
+    """Inference-only MBN / XNOR layer with pre-packed weight bases (conv, or linear as a 1x1 conv)."""
+
+    bops_layer = True  # counted by bitkern.bops / bitkern.bitserial
+
+    def __init__(self, w_packed: torch.Tensor, in_channels: int, out_channels: int, kernel_size, stride,
+                 padding, alpha: torch.Tensor, v, beta, bias, xnor: bool, is_linear: bool, clamp=None):
+        super().__init__()
+        # (lo, hi) of a fused activation, applied after the bias (not a buffer: it follows from the
+        # architecture, which load_frozen rebuilds).
+        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        self.xnor, self.is_linear = bool(xnor), bool(is_linear)
+        self.M, self.N = int(w_packed.shape[0]), 1 if v is None else int(v.numel())
+        if is_linear:
+            self.in_features, self.out_features = self.in_channels, self.out_channels
+        self.register_buffer("w_packed", w_packed.contiguous())
+        self.register_buffer("alpha", alpha.detach().float().clone().contiguous())
+        self.register_buffer("v", None if v is None else v.detach().float().clone().contiguous())
+        self.register_buffer("beta", None if beta is None else beta.detach().float().clone().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = None
+        if self.is_linear:
+            lead = x.shape[:-1]
+            x = x.reshape(-1, self.in_channels, 1, 1)
+        out = ops.mbn_conv2d_packed(x, self.w_packed, self.in_channels, self.kernel_size, self.alpha,
+                                    self.v, self.beta, self.stride, self.padding, bias=self.bias,
+                                    clamp=self.clamp)
+        return out.reshape(*lead, self.out_channels) if self.is_linear else out
+
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.BatchNorm2d) -> None:
+        """Absorb an eval-mode BatchNorm2d that follows this layer (exact algebra, float64, then float32)."""
+        if self.clamp is not None:
+            raise ValueError("fold_batchnorm: this layer already ends in a clamp; a BatchNorm after it "
+                             "cannot be folded")
+        if bn.running_mean is None or bn.num_features != self.out_channels:
+            raise ValueError(f"bn: expected a BatchNorm2d({self.out_channels}) with running statistics, "
+                             f"got {bn}")
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        shift = -bn.running_mean.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.double()
+        if self.bias is not None:
+            shift = shift + self.bias.double() * scale
+        alpha2d = self.alpha.double().reshape(self.M, -1).expand(self.M, self.out_channels)
+        self.alpha = (alpha2d * scale).float().contiguous()
+        self.bias = shift.float().contiguous()
+
+    def extra_repr(self) -> str:
+        kind = "xnor" if self.xnor else f"mbn M={self.M} N={self.N}"
+        clamp = "" if self.clamp is None else f", clamp={self.clamp}"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, {kind}{', linear' if self.is_linear else ''}{clamp}")
+
+
+@torch.no_grad()
+def _pack_bases(bases: torch.Tensor) -> torch.Tensor:
+    """float [M, Co, C, KH, KW] -> int64 [M, Co, KH, KW, Kw] via bitkern.ops.pack_signs."""
+    return torch.stack([ops.pack_signs(b.contiguous()) for b in bases])
+
+
+@torch.no_grad()
+def _packed_layer(module: nn.Module) -> PackedMBNConv2d:
+    linear = isinstance(module, (MBNLinear, XNORLinear))
+    if isinstance(module, (MBNConv2d, MBNLinear)):
+        bases = module.bases()
+        alpha, v, beta, xnor = module.alpha, module.v, module.beta, False
+    else:
+        bases, alpha, v, beta, xnor = module.weight.unsqueeze(0), module.scale(), None, None, True
+    if linear:
+        bases = bases[..., None, None]
+        geometry = ((1, 1), (1, 1), (0, 0))
+        cin, cout = module.in_features, module.out_features
+    else:
+        geometry = (module.kernel_size, module.stride, module.padding)
+        cin, cout = module.in_channels, module.out_channels
+    if isinstance(module.padding, str) if not linear else False:
+        raise ValueError(f"freeze: string padding {module.padding!r} is not supported; use ints")
+    return PackedMBNConv2d(_pack_bases(bases.float()), cin, cout, *geometry, alpha, v, beta, module.bias,
+                           xnor, linear)
+
+
+def _replace_layers(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, (MBNConv2d, MBNLinear, XNORConv2d, XNORLinear)):
+            setattr(module, name, _packed_layer(child))
+        else:
+            if hasattr(child, "weight_mask"):
+                torch_prune.remove(child, "weight")  # bake the mask into the weight
+            _replace_layers(child)
+
+
+def _activation_clamp(module: nn.Module):
+    """(lo, hi) when `module` is an elementwise clamp (Hardtanh, ReLU6, ReLU), else None."""
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return float(module.min_val), float(module.max_val)
+    if isinstance(module, nn.ReLU):
+        return 0.0, math.inf
+    return None
+
+
+def _fold(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None) -> tuple[bool, bool]:
+    """Fold bn (and act, when a clamp) into a packed conv: (bn folded, act folded)."""
+    if not (isinstance(conv, PackedMBNConv2d) and not conv.is_linear and conv.clamp is None
+            and type(bn) is nn.BatchNorm2d and bn.running_mean is not None):
+        return False, False
+    conv.fold_batchnorm(bn)
+    clamp = None if act is None else _activation_clamp(act)
+    if clamp is not None:
+        conv.clamp = clamp
+    return True, clamp is not None
+
+
+def fuse_packed(net: nn.Module) -> nn.Module:
+    """Fold eval BatchNorm2d (and a following Hardtanh / ReLU that only feeds the next layer) into the
+    preceding packed convs, in place; the folded modules become nn.Identity."""
+    from .models.resnet import BasicBlock
+    for module in list(net.modules()):
+        if isinstance(module, BasicBlock):
+            bn_done, act_done = _fold(module.conv1, module.bn1, module.act1)  # act1 feeds conv2 only
+            if bn_done:
+                module.bn1 = nn.Identity()
+            if act_done:
+                module.act1 = nn.Identity()
+            if _fold(module.conv2, module.bn2)[0]:  # act2 follows the residual add: kept
+                module.bn2 = nn.Identity()
+        elif isinstance(module, nn.Sequential):  # e.g. option-B shortcut (conv, BN); stem-like chains
+            for i in range(len(module) - 1):
+                act = module[i + 2] if i + 2 < len(module) else None
+                bn_done, act_done = _fold(module[i], module[i + 1], act)
+                if bn_done:
+                    module[i + 1] = nn.Identity()
+                if act_done:
+                    module[i + 2] = nn.Identity()
+    return net
+
+
+class FrozenModel(nn.Module):
+    """Packed inference model; forward / forward_features as the original, plus save(path)."""
+
+    def __init__(self, net: nn.Module, meta: dict):
+        super().__init__()
+        self.net = net
+        self.meta = dict(meta)
+        self.arch = meta.get("arch")
+        self.quant = meta.get("quant")
+        self.num_classes = meta.get("num_classes")
+        self.in_channels = meta.get("in_channels")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+    @property
+    def fc(self) -> nn.Module:
+        return self.net.fc
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write safetensors (atomically) with the model description as JSON in the header metadata."""
+        from safetensors.torch import save_file
+        tensors = {k: t.detach().cpu().contiguous().clone() for k, t in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"bitkern": json.dumps(self.meta, sort_keys=True)})
+
+
+def _meta_of(model: nn.Module) -> dict:
+    meta = {"format": FORMAT, "version": FORMAT_VERSION}
+    for key in ("arch", "quant", "num_classes", "in_channels"):
+        if hasattr(model, key):
+            meta[key] = getattr(model, key)
+    return meta
+
+
+def freeze(model: nn.Module, fuse: bool = True) -> FrozenModel:
+    """Packed inference copy of `model` (the original is left unchanged), in eval mode.
+
+    fuse: fold eval BatchNorm (and the activation that only feeds the next layer) into the packed convs'
+    epilogue (see the module docstring); the BN running statistics are then baked in."""
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse: expected a bool, got {type(fuse).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, FrozenModel):
+        return model
+    for module in model.modules():
+        if hasattr(module, "weight_mask") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            # torch.nn.utils.prune caches weight = weight_orig * mask (a non-leaf, which deepcopy refuses);
+            # its pre-hook recomputes it on every forward, so a detached cache changes nothing.
+            module.weight = module.weight.detach()
+    net = copy.deepcopy(model)
+    _replace_layers(net)
+    net.eval()
+    if fuse:
+        fuse_packed(net)
+    frozen = FrozenModel(net, {**_meta_of(model), "fused": fuse})
+    frozen.eval()
+    return frozen
+
+
+def load_frozen(path: str | os.PathLike, device="cpu") -> FrozenModel:
+    """Load a model written by FrozenModel.save (safetensors only; nothing is unpickled)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .models import create
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    if "bitkern" not in header:
+        raise ValueError(f"path: {path} has no bitkern metadata; expected a file written by frozen.save()")
+    meta = json.loads(header["bitkern"])
+    if meta.get("format") != FORMAT or meta.get("version") not in (1, FORMAT_VERSION):
+        raise ValueError(f"path: {path} holds format {meta.get('format')!r} v{meta.get('version')!r}; "
+                         f"expected {FORMAT!r} v1 or v{FORMAT_VERSION}")
+    fused = bool(meta.get("fused", False))  # v1 files predate folding
+    missing = [k for k in ("arch", "quant", "num_classes", "in_channels") if k not in meta]
+    if missing:
+        raise ValueError(f"path: {path} metadata lacks {missing}; cannot rebuild the model")
+    skeleton = create(meta["arch"], meta["quant"], num_classes=meta["num_classes"],
+                      in_channels=meta["in_channels"])
+    frozen = freeze(skeleton, fuse=fused)
+    state = load_file(str(path), device="cpu")
+    frozen.load_state_dict(state, strict=True)
+    if not fused:  # an unfused file: fold now, for speed (saving it again writes the fused form)
+        fuse_packed(frozen.net)
+        frozen.meta.update(version=FORMAT_VERSION, fused=True)
+    return frozen.to(device).eval()
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of the module's state_dict tensors (parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+__all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "PackedMBNConv2d", "state_dict_bytes"]

@@ -1,0 +1,207 @@
+"""The C++ engine (bitkern._C via bitkern.backends.cpp) on every ISA path this CPU has.
+
+pairs (exact per-(m, n) +-1 convolutions) must equal F.conv2d on +-1 float64 maps (exact here);
+out must match sum_{m,n} alpha[m, co] * beta[n] * pairs within float32 accumulation error
+(rtol 1e-5, atol 1e-5 * sum |alpha * beta| * KH * KW * C).
+"""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitkern.backends import cpp
+from python_ref import ops_ref
+
+backend = cpp.backend
+pytestmark = pytest.mark.skipif(not backend.available, reason=f"cpp backend unavailable: {backend.reason}")
+ISAS = backend.isa_supported() if backend.available else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    cpp.set_isa(request.param)
+    yield request.param
+    cpp.set_isa(None)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    monkeypatch.setenv("BITKERN_NUM_THREADS", str(request.param))
+    return request.param
+
+
+def with_zeros(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Puts exact +0.0 and -0.0 into x (both binarize to +1)."""
+    r = torch.rand(x.shape, generator=gen)
+    x = torch.where(r < 0.1, torch.zeros_like(x), x)
+    return torch.where(r > 0.9, torch.full_like(x, -0.0), x)
+
+
+def pm1(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t >= 0, 1.0, -1.0).double()
+
+
+def hv_pm1(x: torch.Tensor, v: float) -> torch.Tensor:
+    return torch.where((x + torch.tensor(v, dtype=torch.float32)) >= 0.5, 1.0, -1.0).double()
+
+
+def make_case(rng: random.Random, channels: int):
+    kh, kw = rng.choice([1, 3, 5, 7]), rng.choice([1, 3, 5, 7])
+    if rng.random() < 0.5:
+        kw = kh
+    ph, pw = rng.randint(0, 3), rng.randint(0, 3)
+    height, width = rng.randint(max(1, kh - 2 * ph), 9), rng.randint(max(1, kw - 2 * pw), 11)
+    if height == width:
+        width += 1
+    return dict(B=rng.choice([1, 1, 2, 3]), C=channels, H=height, W=width, Co=rng.randint(1, 19),
+                kernel=(kh, kw), stride=(rng.randint(1, 3), rng.randint(1, 3)), padding=(ph, pw),
+                M=rng.randint(1, 5), N=rng.randint(1, 5), hv=rng.random() < 0.6,
+                per_channel=rng.random() < 0.5, channels_last=rng.random() < 0.5)
+
+
+CHANNELS = [1, 3, 16, 31, 32, 33, 63, 64, 65, 130]
+CASES = [make_case(random.Random(1000 + i), CHANNELS[i % len(CHANNELS)]) for i in range(30)]
+
+
+def run_case(case, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    B, C, H, W, Co, M = case["B"], case["C"], case["H"], case["W"], case["Co"], case["M"]
+    kh, kw = case["kernel"]
+    x = with_zeros(torch.randn(B, C, H, W, generator=gen), gen)
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = with_zeros(torch.randn(M, Co, C, kh, kw, generator=gen), gen)
+    w_packed = torch.stack([backend.pack_signs(w[m].contiguous()) for m in range(M)])
+    if case["hv"]:
+        v = torch.rand(case["N"], generator=gen) * 1.5 - 0.5
+        acts = [hv_pm1(x, float(vn)) for vn in v]
+    else:
+        v = None
+        acts = [pm1(x)]
+    N = len(acts)
+    alpha = torch.rand(M, Co if case["per_channel"] else 1, generator=gen).expand(M, Co).contiguous() + 0.1
+    beta = torch.rand(N, generator=gen) + 0.5
+    out, pairs = backend.mbn_conv2d_packed(x, w_packed, C, case["kernel"], alpha, v, beta, case["stride"],
+                                           case["padding"], want_pairs=True)
+    ref_pairs = torch.stack([torch.stack([
+        F.conv2d(a, pm1(w[m]), stride=case["stride"], padding=case["padding"]) for a in acts])
+        for m in range(M)])
+    ref_out = torch.einsum("mc,n,mnbchw->bchw", alpha.double(), beta.double(), ref_pairs)
+    return out, pairs, ref_out, ref_pairs, (alpha.double()[:, :, None] * beta.double()).abs().sum() * kh * kw * C
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"C{c['C']}k{c['kernel'][0]}x{c['kernel'][1]}" for c in CASES])
+def test_mbn_conv2d_matches_reference(isa, threads, case):
+    out, pairs, ref_out, ref_pairs, scale = run_case(case)
+    assert pairs.dtype == torch.int32 and pairs.shape == ref_pairs.shape
+    assert torch.equal(pairs.double(), ref_pairs), "per-pair +-1 conv must be exact"
+    assert out.dtype == torch.float32 and out.shape == ref_out.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * float(scale))
+
+
+def test_large_parallel_shape(isa, threads):
+    """Enough work for the thread pool and several column blocks (M * Co > 32) and K > 31 words."""
+    case = dict(B=2, C=130, H=12, W=10, Co=37, kernel=(3, 3), stride=(1, 1), padding=(1, 1), M=2, N=2,
+                hv=True, per_channel=True, channels_last=False)
+    out, pairs, ref_out, ref_pairs, scale = run_case(case, seed=3)
+    assert torch.equal(pairs.double(), ref_pairs)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * float(scale))
+
+
+def test_against_python_ref(isa):
+    """Cross-check with the numpy loop reference (python_ref) on one multi-base case."""
+    gen = torch.Generator().manual_seed(7)
+    x = with_zeros(torch.randn(2, 5, 6, 7, generator=gen), gen)
+    w = torch.randn(3, 4, 5, 3, 2, generator=gen)
+    alpha, v, beta = torch.rand(3, 4, generator=gen), torch.tensor([-0.2, 0.3]), torch.tensor([0.7, 1.3])
+    w_packed = torch.stack([backend.pack_signs(w[m].contiguous()) for m in range(3)])
+    out, pairs = backend.mbn_conv2d_packed(x, w_packed, 5, (3, 2), alpha, v, beta, (2, 1), (1, 2),
+                                           want_pairs=True)
+    ref_pairs = ops_ref.mbn_pairs_ref(x.numpy(), w.numpy(), v.numpy(), stride=(2, 1), padding=(1, 2))
+    np.testing.assert_array_equal(pairs.numpy(), ref_pairs)
+    ref = ops_ref.mbn_conv2d_ref(x.numpy(), w.numpy(), alpha.numpy(), v.numpy(), beta.numpy(),
+                                 stride=(2, 1), padding=(1, 2))
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-4)
+    binary = backend.mbn_conv2d_packed(x, w_packed[:1], 5, (3, 2), None, None, None, 1, 0, want_pairs=True)
+    np.testing.assert_array_equal(binary[1][0, 0].numpy(), ops_ref.binary_conv2d_ref(x.numpy(), w[0].numpy()))
+    assert binary[0] is None
+
+
+@pytest.mark.parametrize("channels", [1, 3, 63, 64, 65, 130])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pack_signs(isa, threads, channels, channels_last):
+    gen = torch.Generator().manual_seed(channels)
+    x = with_zeros(torch.randn(3, channels, 5, 19, generator=gen), gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    packed = backend.pack_signs(x)
+    assert packed.dtype == torch.int64 and packed.shape == (3, 5, 19, -(-channels // 64))
+    np.testing.assert_array_equal(packed.numpy(), ops_ref.pack_signs_ref(x.numpy()))
+    v = 0.25
+    hv = backend.pack_signs(x, mode="hv", v=v)
+    shifted = (x + torch.tensor(v)).numpy()  # fl32(x + v) >= 0.5  <=>  fl32(x + v) - 0.5 >= 0
+    np.testing.assert_array_equal(hv.numpy(), ops_ref.pack_signs_ref(np.where(shifted >= 0.5, 1.0, -1.0)))
+
+
+def test_pack_signs_hv_rounding_edge(isa):
+    """x + v rounds to exactly 0.5 in float32 (bit 1) while the float64 sum is below 0.5."""
+    x = torch.tensor([0.5 - 2 ** -26, 0.5 - 2 ** -23, 0.0, -0.0], dtype=torch.float32).reshape(1, 4, 1, 1)
+    bits = int(backend.pack_signs(x, mode="hv", v=0.0)[0, 0, 0, 0])
+    expected = sum(1 << c for c in range(4) if float(x[0, c] + torch.tensor(0.0)) >= 0.5)
+    assert bits == expected
+    x2 = torch.full((1, 1, 1, 1), 0.25 - 2 ** -27)
+    assert int(backend.pack_signs(x2, mode="hv", v=0.25)[0, 0, 0, 0]) == int(float(x2 + 0.25) >= 0.5)
+
+
+def test_non_contiguous_input_is_copied(isa):
+    x = torch.randn(2, 8, 6, 10)[:, :, :, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(backend.pack_signs(x).numpy(), ops_ref.pack_signs_ref(x.numpy()))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(1, 3, 4, 4)
+    wp = backend.pack_signs(torch.randn(2, 3, 3, 3))[None]
+    with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
+        backend.pack_signs(x.double())
+    with pytest.raises(ValueError, match="x: expected a 4-d tensor"):
+        backend.pack_signs(x[0])
+    with pytest.raises(ValueError, match="mode"):
+        backend.pack_signs(x, mode="relu")
+    with pytest.raises(ValueError, match="w_packed: expected shape"):
+        backend.mbn_conv2d_packed(x, wp, 3, (5, 5), torch.ones(1, 2), None, None, 1, 1)
+    with pytest.raises(ValueError, match="in_channels"):
+        backend.mbn_conv2d_packed(x, wp, 4, (3, 3), torch.ones(1, 2), None, None, 1, 1)
+    with pytest.raises(ValueError, match="alpha2d"):
+        backend.mbn_conv2d_packed(x, wp, 3, (3, 3), torch.ones(2, 2), None, None, 1, 1)
+    with pytest.raises(ValueError, match="beta"):
+        backend.mbn_conv2d_packed(x, wp, 3, (3, 3), torch.ones(1, 2), torch.zeros(2), torch.ones(3), 1, 1)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        backend.mbn_conv2d_packed(x[:, :, :1, :1], wp, 3, (3, 3), torch.ones(1, 2), None, None, 1, 0)
+    with pytest.raises(ValueError, match="stride"):
+        backend.mbn_conv2d_packed(x, wp, 3, (3, 3), torch.ones(1, 2), None, None, 0, 1)
+    with pytest.raises(TypeError, match="w_packed: expected dtype torch.int64"):
+        backend.mbn_conv2d_packed(x, wp.int(), 3, (3, 3), torch.ones(1, 2), None, None, 1, 1)
+
+
+def test_isa_selection(monkeypatch):
+    assert ISAS[-1] == "scalar" and set(ISAS) <= {"avx512", "avx2", "scalar"}
+    with pytest.raises(ValueError, match="unknown ISA"):
+        cpp.set_isa("sse9")
+    monkeypatch.setenv("BITKERN_ISA", "neon")
+    with pytest.raises(ValueError, match="BITKERN_ISA"):
+        backend.pack_signs(torch.randn(1, 2, 2, 2))
+    monkeypatch.setenv("BITKERN_ISA", "scalar")
+    assert cpp.current_isa() == "scalar"
+    monkeypatch.delenv("BITKERN_ISA")
+    assert cpp.current_isa() == ISAS[0]
+    missing = [i for i in ("avx512", "avx2") if i not in ISAS]
+    for name in missing:
+        with pytest.raises(RuntimeError, match="not supported"):
+            cpp.set_isa(name)
+    monkeypatch.setenv("BITKERN_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="BITKERN_NUM_THREADS"):
+        cpp.num_threads()

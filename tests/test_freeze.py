@@ -1,0 +1,146 @@
+"""bitkern.freeze: packed inference models give the same logits, keep input gradients, save/load safetensors."""
+import json
+
+import pytest
+import torch
+
+from bitkern.freeze import PackedMBNConv2d, freeze, load_frozen, state_dict_bytes
+from bitkern.models import create
+
+
+def _trained_like(spec):
+    torch.manual_seed(0)
+    model = create("resnet20", spec, num_classes=10)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 16, 16))  # non-trivial BN running statistics
+    return model.eval()
+
+
+@pytest.mark.parametrize("spec", ["mbn3x1", "xnor", "mbn2x3"])
+def test_frozen_same_logits_and_roundtrip(spec, tmp_path):
+    model = _trained_like(spec)
+    x = torch.rand(4, 3, 16, 16)
+    frozen = freeze(model)
+    packed = [m for m in frozen.modules() if isinstance(m, PackedMBNConv2d)]
+    assert len(packed) == 18
+    assert all(m.w_packed.dtype == torch.int64 and not list(m.parameters()) for m in packed)
+    with torch.no_grad():
+        expected, got = model(x), frozen(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    path = tmp_path / "model.safetensors"
+    frozen.save(path)
+    loaded = load_frozen(path)
+    assert (loaded.arch, loaded.quant, loaded.num_classes) == ("resnet20", spec, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), got, rtol=0, atol=0)
+    assert path.stat().st_size < state_dict_bytes(model) / 4
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_frozen_input_gradients_match(fuse):
+    model = _trained_like("mbn3x1")
+    frozen = freeze(model, fuse=fuse)
+    x1 = torch.rand(2, 3, 16, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(model(x1), torch.tensor([1, 2])).backward()
+    torch.nn.functional.cross_entropy(frozen(x2), torch.tensor([1, 2])).backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-6)
+    if fuse:  # BN folded into alpha / bias: the same values up to float32 rounding of another sum order
+        torch.testing.assert_close(frozen.forward_features(x2), model.forward_features(x1), rtol=1e-5, atol=1e-6)
+    else:  # same +-1 bits, same op, same BN: bit-identical
+        assert torch.equal(frozen.forward_features(x2), model.forward_features(x1))
+
+
+def test_freeze_pruned_and_fp_models(tmp_path):
+    model = _trained_like("prune-weight-50")
+    frozen = freeze(model)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x))
+    frozen.save(tmp_path / "p.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(load_frozen(tmp_path / "p.safetensors")(x), model(x))
+    assert hasattr(model.stem[0], "weight_mask")  # the original keeps its masks
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "other.safetensors"
+    save_file({"a": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="bitkern metadata"):
+        load_frozen(path)
+    with pytest.raises(TypeError, match="model"):
+        freeze("resnet20")
+
+
+def _with_random_bn(model):
+    """Non-trivial BN affine parameters (negative gammas too) and running statistics."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(-1.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 16, 16))
+    return model.eval()
+
+
+@pytest.mark.parametrize("spec", ["xnor", "mbn3x1"])
+def test_fused_frozen_resnet20_logits_and_input_grads(spec):
+    """BN after every packed conv folded into alpha / bias; act1 (feeds conv2 only) fused as the clamp;
+    act2 (after the residual add) kept. Tolerance: the BN is now inside the sum (float32 rounding of a
+    different order, ~1e-7 relative); predictions identical."""
+    from bitkern.models.resnet import BasicBlock
+    model = _with_random_bn(_trained_like(spec))
+    frozen = freeze(model)
+    assert frozen.meta["fused"] is True
+    blocks = [m for m in frozen.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 9
+    for block in blocks:
+        assert isinstance(block.bn1, torch.nn.Identity) and isinstance(block.act1, torch.nn.Identity)
+        assert isinstance(block.bn2, torch.nn.Identity) and isinstance(block.act2, torch.nn.Hardtanh)
+        assert block.conv1.clamp == (-1.0, 1.0) and block.conv2.clamp is None
+        assert block.conv1.alpha.shape == (block.conv1.M, block.conv1.out_channels)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules()) == 1  # the fp stem's
+    x1 = torch.rand(8, 3, 16, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    expected, got = model(x1), frozen(x2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    labels = torch.arange(8) % 10
+    torch.nn.functional.cross_entropy(expected, labels).backward()
+    torch.nn.functional.cross_entropy(got, labels).backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_frozen_roundtrip_and_v1_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = _with_random_bn(_trained_like("mbn3x1"))
+    x = torch.rand(4, 3, 16, 16)
+    fused = freeze(model)
+    fused.save(tmp_path / "fused.safetensors")
+    loaded = load_frozen(tmp_path / "fused.safetensors")
+    assert loaded.meta["fused"] is True and loaded.meta["version"] == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+    # A v1 file (written before folding existed: BN kept, no "fused" key) loads and is fused on load.
+    unfused = freeze(model, fuse=False)
+    path = tmp_path / "v1.safetensors"
+    meta = {k: v for k, v in unfused.meta.items() if k != "fused"}
+    meta["version"] = 1
+    save_file(unfused.state_dict(), str(path), metadata={"bitkern": json.dumps(meta)})
+    old = load_frozen(path)
+    assert old.meta["fused"] is True
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in old.modules()) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), fused(x), rtol=0, atol=0)
+    assert set(load_file(str(tmp_path / "fused.safetensors"))) == set(fused.state_dict())
+
+
+def test_freeze_fuse_argument_checked():
+    with pytest.raises(TypeError, match="fuse"):
+        freeze(_trained_like("xnor"), fuse="yes")
