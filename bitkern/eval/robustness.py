@@ -101,7 +101,8 @@ def robustness(model, data, attacks, restarts=5, batch_size=256, device="cpu", p
             with frozen_state([model]), torch.no_grad():
                 logits = model(xb)
             check_labels_fit(yb, logits.shape[1], "data labels")
-            clean.append((logits.argmax(1) == yb).cpu().numpy())
+            clean_ok = logits.argmax(1) == yb
+            clean.append(clean_ok.cpu().numpy())
             bar.update(1)
             have = sum(len(t) for t in subset_y)
             if sanity and have < sanity_examples:
@@ -120,9 +121,11 @@ def robustness(model, data, attacks, restarts=5, batch_size=256, device="cpu", p
                     _track_invariants(extras[name], atk, xb, x_adv)
                     if white_box:
                         extras[name]["inconsistent"] += int((out.correct[0].to(device) != ok).sum())
-                    correct[name][r].append(ok.cpu().numpy())
+                    # x itself lies in its eps-ball: an example misclassified clean is not robust,
+                    # so robust accuracy never exceeds clean accuracy (RobustBench convention).
+                    correct[name][r].append((ok & clean_ok).cpu().numpy())
                     if record:
-                        batch_curves.append(out.curves[0].cpu())        # [T+1, b]
+                        batch_curves.append(out.curves[0].cpu() & clean_ok.cpu())   # [T+1, b]
                     bar.update(1)
                 if record:
                     stack = torch.stack(batch_curves)                     # [runs, T+1, b]
