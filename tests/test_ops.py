@@ -297,3 +297,33 @@ def test_ste_smooth_mode_is_a_triangle_of_the_box_area():
     assert grad.flatten().tolist() == [0.0, 1.0, 2.0, 0.0]
     with pytest.raises(ValueError, match="mode: expected one of"):
         ops.set_ste_mode("straight")
+
+
+@pytest.mark.parametrize("cfg", list(_random_configs(10, seed=4)), ids=str)
+def test_backends_agree_bit_for_bit(cfg):
+    """The torch backend replicates the packed kernels' float arithmetic exactly (same products, same sum
+    order, no FMA): outputs, bias and clamp included, are identical on every ISA path. Attack trajectories
+    on binary nets depend on this (a 1-ulp difference at a threshold changes the gradient field)."""
+    cpp = dispatch.get("cpp")
+    if not cpp.available:
+        pytest.skip(f"cpp backend unavailable: {cpp.reason}")
+    gen = torch.Generator().manual_seed(hash(str(cfg)) % 2 ** 31)
+    x, w, alpha, v, beta = _mbn_args(cfg, gen, per_channel=True, sign_mode=False)
+    w_packed = ops.pack_signs(w.flatten(0, 1)).unflatten(0, w.shape[:2])
+    bias = torch.randn(cfg["Co"], generator=gen)
+    outputs = {}
+    for name, isa in [("torch", None)] + [("cpp", i) for i in cpp.isa_supported()]:
+        with dispatch.use_backend(name):
+            if isa:
+                dispatch.set_isa(isa)
+            try:
+                outputs[f"{name}-{isa}"] = (
+                    ops.mbn_conv2d(x, w, alpha, v, beta, stride=cfg["s"], padding=cfg["p"]),
+                    ops.mbn_conv2d_packed(x, w_packed, cfg["C"], cfg["k"], alpha, v, beta, stride=cfg["s"],
+                                          padding=cfg["p"], bias=bias, clamp=(-1.0, 1.0)))
+            finally:
+                dispatch.set_isa(None)
+    reference = outputs.pop("torch-None")
+    for key, got in outputs.items():
+        for want_t, got_t in zip(reference, got):
+            assert torch.equal(want_t, got_t), key

@@ -1,7 +1,9 @@
 """Pure-torch backend: the float emulation a researcher would write, on any device.
 
-Binary values are represented as +-1 floats and convolved with F.conv2d; packing uses integer tensor ops.
-It is the reference the packed backends are compared with and the fallback where none is available.
+Binary values are represented as +-1 floats and each (weight base, activation base) pair is convolved with
+F.conv2d (exact integers), then combined with alpha * beta in the packed kernels' order, so results are
+bit-identical to the C++ backend. Packing uses integer tensor ops. It is the reference the packed backends
+are compared with and the fallback where none is available.
 """
 from __future__ import annotations
 
@@ -76,16 +78,22 @@ class TorchBackend:
         exact = torch.float32 if in_channels * kernel_size[0] * kernel_size[1] < 2 ** 24 else torch.float64
         weights = unpack_weight_bases(w_packed, in_channels, exact)
         acts = [a.to(exact) for a in activation_bases(x.float(), v)]
+        # Exact integer +-1 convolutions, one per (weight base m, activation base n).
+        counts = [[F.conv2d(a, wm, stride=stride, padding=padding) for a in acts] for wm in weights]
         pairs = None
         if want_pairs:
-            pairs = torch.stack([torch.stack([F.conv2d(a, wm, stride=stride, padding=padding) for a in acts])
-                                 for wm in weights]).round().to(torch.int32)
+            pairs = torch.stack([torch.stack(row) for row in counts]).round().to(torch.int32)
         out = None
         if alpha2d is not None:
-            # Linear in the weight bases: one conv per activation base with W_eff = sum_m alpha_m B_m.
-            w_eff = (alpha2d.to(exact)[:, :, None, None, None] * weights).sum(0).float()
-            out = sum(beta[n] * F.conv2d(a.float(), w_eff, stride=stride, padding=padding)
-                      for n, a in enumerate(acts))
+            # The packed kernels' arithmetic step for step: n outer, m inner, out += fl32(alpha*beta) * dot,
+            # every product and sum rounded to float32 (the C++ build disables FMA contraction). Backends
+            # thus agree bit for bit, which keeps attack trajectories identical across them: binary nets
+            # amplify a 1-ulp difference at a binarization threshold into a different gradient field.
+            scale = alpha2d.float()[:, None, :] * beta.float()[None, :, None]  # [M, N, Co]
+            for n in range(len(acts)):
+                for m in range(len(weights)):
+                    term = counts[m][n].float() * scale[m, n].reshape(1, -1, 1, 1)
+                    out = term if out is None else out + term
             if bias is not None:
                 out.add_(bias.to(out.dtype).reshape(1, -1, 1, 1))
             if clamp is not None:
