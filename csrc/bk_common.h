@@ -51,8 +51,9 @@ struct PackJob {
   uint64_t* fold_dst[2];
 };
 
-// Packs padded rows [r0, r1) of the flattened (b, hp) row index space, all N bases.
-void pack_rows(const PackJob& job, Isa isa, int64_t r0, int64_t r1);
+// Packs padded rows [r0, r1) of the flattened (b, hp) row index space, all N bases. Returns true when
+// one of the x values read (base 0) is NaN.
+bool pack_rows(const PackJob& job, Isa isa, int64_t r0, int64_t r1);
 
 // Everything the binary GEMM needs; built once per call by conv.cpp.
 struct ConvPlan {

@@ -1,6 +1,7 @@
 // Binary conv driver: packs activations once, re-lays weights out as GEMM columns, builds the padding
 // correction table, then runs the ISA-specific XNOR-popcount GEMM over pixel blocks on the pool.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -143,7 +144,7 @@ void conv_blocks_scalar(const ConvPlan& p, int64_t blk0, int64_t blk1) {
   }
 }
 
-void run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
+bool run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     int mode, float v, uint64_t* out, const std::string& isa_name, int threads) {
   const Isa isa = parse_isa(isa_name);
   if (mode != kModeSign && mode != kModeHv) throw std::invalid_argument("mode: expected 0 or 1");
@@ -152,11 +153,14 @@ void run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   const int64_t rows = B * H;
   const int64_t row_work = std::max<int64_t>(1, C * W);
   const int nt = rows * row_work < (1 << 16) ? 1 : resolve_threads(threads);
-  parallel_for(rows, nt, std::max<int64_t>(1, (1 << 14) / row_work),
-               [&](int64_t r0, int64_t r1) { pack_rows(j, isa, r0, r1); });
+  std::atomic<bool> nan{false};
+  parallel_for(rows, nt, std::max<int64_t>(1, (1 << 14) / row_work), [&](int64_t r0, int64_t r1) {
+    if (pack_rows(j, isa, r0, r1)) nan.store(true, std::memory_order_relaxed);
+  });
+  return nan.load(std::memory_order_relaxed);
 }
 
-void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
+bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                     const float* alpha, const float* beta, const float* bias, float clamp_lo,
@@ -181,7 +185,7 @@ void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
     p.K = KH * p.NG;
   }
   p.R = block_rows(isa, p.MCp / 8);
-  if (p.OH <= 0 || p.OW <= 0 || p.P == 0) return;
+  if (p.OH <= 0 || p.OW <= 0 || p.P == 0) return false;  // x not read (callers rule this out)
   const int nt = resolve_threads(threads);
 
   // Scratch: activation planes, transposed weights, tables (one allocation).
@@ -209,9 +213,13 @@ void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
     p.fold_last = last_taps == 1 ? act : n_fold == 2 ? act + 2 * act_words : p.fold_full;
   }
   const int64_t rows = B * p.Hp, row_work = std::max<int64_t>(1, N * C * W);
+  std::atomic<bool> x_has_nan{false};
   parallel_for(rows, rows * row_work < (1 << 16) ? 1 : nt,
-               std::max<int64_t>(1, (1 << 14) / row_work),
-               [&](int64_t r0, int64_t r1) { pack_rows(j, isa, r0, r1); });
+               std::max<int64_t>(1, (1 << 14) / row_work), [&](int64_t r0, int64_t r1) {
+                 if (pack_rows(j, isa, r0, r1)) x_has_nan.store(true, std::memory_order_relaxed);
+               });
+  // NaN has no sign: the caller raises, so out / pairs are left unwritten.
+  if (x_has_nan.load(std::memory_order_relaxed)) return true;
 
   // 2. Weights [M, Co, KH, KW, Kw] -> wt[k][m * Cop + co] (padded columns are zero words; folded
   //    taps concatenated like the activations), and the per-tap popcounts for the padding correction.
@@ -277,6 +285,7 @@ void run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
       default: conv_blocks_scalar(p, b0, b1); break;
     }
   });
+  return false;
 }
 
 }  // namespace bk

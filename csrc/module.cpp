@@ -30,14 +30,15 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last, int mode,
          float v, uintptr_t out, const std::string& isa, int threads) {
         py::gil_scoped_release nogil;
-        bk::run_pack_signs(ptr<const float>(x), B, C, H, W, channels_last, mode, v,
+        return bk::run_pack_signs(ptr<const float>(x), B, C, H, W, channels_last, mode, v,
                            ptr<uint64_t>(out), isa, threads);
       },
       py::arg("x_ptr"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"),
       py::arg("channels_last"), py::arg("mode"), py::arg("v"), py::arg("out_ptr"), py::arg("isa"),
       py::arg("threads"),
       "float32 [B,C,H,W] (NCHW or channels_last physical) -> int64 [B,H,W,ceil(C/64)]; "
-      "mode 0: bit = x >= 0, mode 1: bit = fl32(x + v) >= 0.5");
+      "mode 0: bit = x >= 0, mode 1: bit = fl32(x + v) >= 0.5; returns True when x holds a NaN "
+      "(out is still written)");
   m.def(
       "mbn_conv2d",
       [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last, uintptr_t w,
@@ -46,7 +47,7 @@ PYBIND11_MODULE(_C, m) {
          float clamp_lo, float clamp_hi, uintptr_t out, uintptr_t pairs, const std::string& isa,
          int threads) {
         py::gil_scoped_release nogil;
-        bk::run_mbn_conv2d(ptr<const float>(x), B, C, H, W, channels_last, ptr<const uint64_t>(w), M,
+        return bk::run_mbn_conv2d(ptr<const float>(x), B, C, H, W, channels_last, ptr<const uint64_t>(w), M,
                            Co, KH, KW, mode, ptr<const float>(v), N, sh, sw, ph, pw,
                            ptr<const float>(alpha), ptr<const float>(beta), ptr<const float>(bias),
                            clamp_lo, clamp_hi, ptr<float>(out),
@@ -60,5 +61,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("pairs_ptr"), py::arg("isa"), py::arg("threads"),
       "multi-base binary conv: out float32 [B,OH,OW,Co] (may be 0) = clamp(sum + bias, lo, hi) "
       "(bias_ptr may be 0, clamp bounds +-inf for none) and/or pairs int32 [M,N,B,OH,OW,Co] (may "
-      "be 0); see docs/cpu_kernels.md");
+      "be 0); returns True when x holds a NaN (then out / pairs are not written); see "
+      "docs/cpu_kernels.md");
 }

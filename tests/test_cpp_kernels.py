@@ -187,6 +187,120 @@ def test_bad_inputs_raise_clear_errors():
         backend.mbn_conv2d_packed(x, wp.int(), 3, (3, 3), torch.ones(1, 2), None, None, 1, 1)
 
 
+# NaN is detected while packing x (no separate scan): every ISA path, both layouts, vector bodies and
+# tails (C not a multiple of 16 / 8, W = 19: one 16-pixel block + 3 tail pixels), sign and hv modes.
+NAN_MESSAGE = "x: contains NaN (shape {}, dtype torch.float32, device cpu); binarization needs ordered values"
+
+
+def nan_positions(batch, channels, height, width):
+    """(b, c, h, w): first and last element, the last channel of a partial channel vector, a width-tail
+    pixel, the first channel of the second 64-channel word."""
+    partial = channels - 1 if channels % 16 == 0 else (channels // 16) * 16
+    positions = {(0, 0, 0, 0), (batch - 1, channels - 1, height - 1, width - 1),
+                 (1, partial, height // 2, 3), (batch - 1, 0, 0, width - 2), (1, channels - 1, 1, 17)}
+    if channels > 64:
+        positions.add((0, 64, 2, 9))
+    return sorted(positions)
+
+
+def nan_calls(x):
+    """Every entry point that packs x: pack_signs (sign, hv) and mbn_conv2d_packed (sign, hv with N = 2)."""
+    channels = x.shape[1]
+    wp = backend.pack_signs(torch.randn(4, channels, 3, 3, generator=torch.Generator().manual_seed(1)))[None]
+    alpha = torch.ones(1, 4)
+    shifts = torch.tensor([0.3, 0.7])
+    return {
+        "pack_sign": lambda: backend.pack_signs(x),
+        "pack_hv": lambda: backend.pack_signs(x, mode="hv", v=0.25),
+        "conv_sign": lambda: backend.mbn_conv2d_packed(x, wp, channels, (3, 3), alpha, None, None, 1, 1,
+                                                       want_pairs=True),
+        "conv_hv": lambda: backend.mbn_conv2d_packed(x, wp, channels, (3, 3), alpha, shifts, None, 1, 1),
+        "pairs_only_stride2": lambda: backend.mbn_conv2d_packed(x, wp, channels, (3, 3), None, shifts, None,
+                                                                2, 0, want_pairs=True),
+    }
+
+
+@pytest.mark.parametrize("channels", [3, 20, 64, 65, 130])
+def test_nan_in_x_raises(isa, channels):
+    shape = (3, channels, 5, 19)
+    for b, c, h, w in nan_positions(*shape):
+        for channels_last in (False, True):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(channels))
+            x[b, c, h, w] = float("nan")
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for name, call in nan_calls(x).items():
+                with pytest.raises(ValueError) as info:
+                    call()
+                assert str(info.value) == NAN_MESSAGE.format(shape), (name, (b, c, h, w), channels_last)
+
+
+def test_nan_in_x_raises_multithreaded(isa, threads):
+    shape = (4, 130, 19, 19)  # large enough for the packing step to use the thread pool
+    for channels_last in (False, True):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        x[3, 129, 18, 18] = float("nan")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for call in nan_calls(x).values():
+            with pytest.raises(ValueError, match="x: contains NaN"):
+                call()
+
+
+def test_nan_in_non_contiguous_x_names_the_given_tensor(isa):
+    x = torch.randn(2, 8, 6, 10)[:, :, :, ::2]
+    x[1, 7, 5, 4] = float("nan")
+    with pytest.raises(ValueError) as info:
+        backend.pack_signs(x)
+    assert str(info.value) == NAN_MESSAGE.format((2, 8, 6, 5))
+
+
+def test_nan_in_x_raises_when_the_kernel_has_nothing_to_compute(isa):
+    """Co = 0: the kernel is not called, so the backend scans x itself."""
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 2, 3] = float("nan")
+    empty = torch.zeros(1, 0, 3, 3, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="x: contains NaN"):
+        backend.mbn_conv2d_packed(x, empty, 3, (3, 3), None, None, None, 1, 1, want_pairs=True)
+
+
+@pytest.mark.parametrize("channels", [3, 20, 65])
+def test_signed_zero_and_infinities_do_not_raise(isa, channels):
+    shape = (3, channels, 5, 19)
+    gen = torch.Generator().manual_seed(channels)
+    x = torch.randn(shape, generator=gen)
+    r = torch.rand(shape, generator=gen)
+    x = torch.where(r < 0.1, torch.full_like(x, -0.0), x)
+    x = torch.where(r > 0.9, torch.full_like(x, float("inf")), x)
+    x = torch.where((r > 0.45) & (r < 0.55), torch.full_like(x, float("-inf")), x)
+    x[0, 0, 0, 0], x[-1, -1, -1, -1] = float("-inf"), -0.0
+    for channels_last in (False, True):
+        xl = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+        np.testing.assert_array_equal(backend.pack_signs(xl).numpy(), ops_ref.pack_signs_ref(x.numpy()))
+        for call in nan_calls(xl).values():
+            call()
+
+
+def test_ops_rely_on_the_kernel_nan_check(isa):
+    """bitkern.ops skips its own scan of float32 x for this backend; the error text is unchanged."""
+    from bitkern import _checks, ops
+    assert backend.checks_nan
+    x = torch.randn(2, 20, 6, 7)
+    x[1, 19, 5, 6] = float("nan")
+    with pytest.raises(ValueError) as from_ops:
+        ops.mbn_conv2d_packed(x, backend.pack_signs(torch.randn(4, 20, 3, 3))[None], 20, 3,
+                              torch.ones(1), padding=1)
+    with pytest.raises(ValueError) as from_checks:
+        _checks.check_no_nan("x", x)
+    assert str(from_ops.value) == str(from_checks.value)
+    with pytest.raises(ValueError, match="x: contains NaN"):
+        ops.binary_conv2d(x, torch.randn(3, 20, 3, 3), padding=1)
+    w = torch.randn(3, 20, 3, 3)
+    w[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="w: contains NaN"):  # weights are still checked in ops
+        ops.binary_conv2d(torch.randn(2, 20, 6, 7), w, padding=1)
+
+
 def test_isa_selection(monkeypatch):
     assert ISAS[-1] == "scalar" and set(ISAS) <= {"avx512", "avx2", "scalar"}
     with pytest.raises(ValueError, match="unknown ISA"):

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from bitkern import _checks
+
 try:
     from bitkern import _C
     _IMPORT_ERROR = ""
@@ -103,6 +105,11 @@ def _clamp_bounds(clamp) -> tuple[float, float]:
     return lo, hi
 
 
+def _raise_nan(x: torch.Tensor) -> None:
+    """The kernels report NaN in x while packing it; same text as bitkern._checks.check_no_nan."""
+    raise ValueError(f"x: contains NaN ({_checks.describe(x)}); binarization needs ordered values")
+
+
 def _activation_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """x itself when NCHW- or channels_last-contiguous (no copy), else an NCHW-contiguous copy."""
     if x.is_contiguous():
@@ -115,6 +122,9 @@ def _activation_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class CppBackend:
     name = "cpp"
     fused_epilogue = True  # mbn_conv2d_packed applies bias / clamp inside the kernel's epilogue
+    # pack_signs / mbn_conv2d_packed raise ValueError for NaN in x, detected while packing x (no separate
+    # pass), so bitkern.ops skips its own NaN scan of x (weights are still scanned there).
+    checks_nan = True
 
     def __init__(self):
         self.available = _C is not None
@@ -146,12 +156,14 @@ class CppBackend:
         _check_cpu_tensor("x", x, torch.float32, 4)
         if mode not in _MODES:
             raise ValueError(f"mode: expected 'sign' or 'hv', got {mode!r}")
+        given = x
         x, channels_last = _activation_layout(x)
         batch, channels, height, width = x.shape
         out = torch.empty((batch, height, width, -(-channels // 64)), dtype=torch.int64)
-        if out.numel():
-            _C.pack_signs(x.data_ptr(), batch, channels, height, width, channels_last, _MODES[mode],
-                          float(v), out.data_ptr(), current_isa(), num_threads())
+        if out.numel() and _C.pack_signs(x.data_ptr(), batch, channels, height, width, channels_last,
+                                         _MODES[mode], float(v), out.data_ptr(), current_isa(),
+                                         num_threads()):
+            _raise_nan(given)
         return out
 
     def mbn_conv2d_packed(self, x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride, padding,
@@ -204,6 +216,7 @@ class CppBackend:
                 raise ValueError(f"bias: expected shape [{out_ch}] = [Co], got {tuple(bias.shape)}")
         clamp_lo, clamp_hi = _clamp_bounds(clamp)
         oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        given = x
         x, channels_last = _activation_layout(x)
         w_packed = w_packed.contiguous()
         out = pairs = None
@@ -213,13 +226,19 @@ class CppBackend:
             pairs = torch.empty((num_w, num_a, batch, oh, ow, out_ch), dtype=torch.int32).permute(
                 0, 1, 2, 5, 3, 4)
         if batch * out_ch * oh * ow and (out is not None or pairs is not None):
-            _C.mbn_conv2d(x.data_ptr(), batch, channels, height, width, channels_last, w_packed.data_ptr(),
-                          num_w, out_ch, kh, kw, mode, v.data_ptr(), num_a, sh, sw, ph, pw,
-                          alpha2d.data_ptr() if alpha2d is not None else 0, beta.data_ptr(),
-                          bias.data_ptr() if bias is not None else 0, clamp_lo, clamp_hi,
-                          out.data_ptr() if out is not None else 0,
-                          pairs.data_ptr() if pairs is not None else 0, current_isa(), num_threads())
-        elif batch * channels * height * width == 0 and out is not None:
+            x_has_nan = _C.mbn_conv2d(
+                x.data_ptr(), batch, channels, height, width, channels_last, w_packed.data_ptr(),
+                num_w, out_ch, kh, kw, mode, v.data_ptr(), num_a, sh, sw, ph, pw,
+                alpha2d.data_ptr() if alpha2d is not None else 0, beta.data_ptr(),
+                bias.data_ptr() if bias is not None else 0, clamp_lo, clamp_hi,
+                out.data_ptr() if out is not None else 0,
+                pairs.data_ptr() if pairs is not None else 0, current_isa(), num_threads())
+            if x_has_nan:
+                _raise_nan(given)
+            return out, pairs
+        if x.numel() and self.has_nan(x):  # the kernel did not run (nothing to compute), so scan here
+            _raise_nan(given)
+        if batch * channels * height * width == 0 and out is not None:
             out.zero_()
             if bias is not None:
                 out.add_(bias.reshape(1, -1, 1, 1))
