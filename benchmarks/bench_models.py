@@ -10,8 +10,10 @@ MBN3x1 (cpp) vs the fp32 ResNet-20 (>= 1x). Skips when the cpp backend is not bu
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +72,8 @@ def _freeze(model):
 
 
 needs_cpp = pytest.mark.skipif(not _cpp_available(), reason="cpp backend not built")
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = [("mbn3x1", "torch"), ("mbn3x1-frozen", "cpp"), ("xnor", "torch"), ("xnor-frozen", "cpp"), ("fp", None)]
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +83,34 @@ def models():
     built = {q: create("resnet20", q).eval() for q in ("mbn3x1", "xnor", "fp")}
     built["mbn3x1-frozen"] = _freeze(built["mbn3x1"])
     built["xnor-frozen"] = _freeze(built["xnor"])
-    return built, torch.rand((BATCH,) + SHAPE)
+    medians = {}
+    yield built, torch.rand((BATCH,) + SHAPE), medians
+    if len(medians) == len(CASES):  # all cases ran: write the ratio table
+        ratios = {"frozen MBN3x1 (cpp) vs MBN3x1 on the torch backend (target >= 2.5x)":
+                  medians["mbn3x1"] / medians["mbn3x1-frozen"],
+                  "frozen XNOR (cpp) vs XNOR on the torch backend (target >= 3x)":
+                  medians["xnor"] / medians["xnor-frozen"],
+                  "frozen MBN3x1 (cpp) vs fp32 ResNet-20 (target >= 1x)": medians["fp"] / medians["mbn3x1-frozen"]}
+        lines = ["| model | median forward [ms] |", "|---|---|"]
+        lines += [f"| {name} ({backend or 'fp32'}) | {medians[name] * 1e3:.1f} |" for name, backend in CASES]
+        lines += ["", "| ratio | measured |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "models.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / "models.json").write_text(json.dumps({"median_s": medians, "ratios": ratios}, indent=2))
+        print("\n" + "\n".join(lines))
 
 
 @needs_cpp
-@pytest.mark.parametrize("name,backend", [("mbn3x1", "torch"), ("mbn3x1-frozen", "cpp"), ("xnor", "torch"),
-                                          ("xnor-frozen", "cpp"), ("fp", None)])
+@pytest.mark.parametrize("name,backend", CASES)
 def test_forward(benchmark, models, name, backend):
-    built, x = models
+    built, x, medians = models
     dispatch.set_backend(backend)
     try:
         with torch.no_grad():
-            benchmark.pedantic(built[name], args=(x,), rounds=3, iterations=1, warmup_rounds=1)
+            benchmark.pedantic(built[name], args=(x,), rounds=7, iterations=1, warmup_rounds=1)
     finally:
         dispatch.set_backend(None)
+    medians[name] = benchmark.stats.stats.median
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ With fuse=True (default) an eval BatchNorm2d right after a packed conv is folded
 alpha * gamma / sqrt(var + eps) per output channel, [M, Co]; bias = beta_bn - mean * gamma / sqrt(var +
 eps)), and a Hardtanh / ReLU that only feeds the next layer (act1 of a BasicBlock; an activation after the
 BN inside an nn.Sequential) becomes the conv's clamp: both run in the packed kernel's epilogue and the
-BN / activation modules become nn.Identity. act2 of a BasicBlock follows the residual add and is kept.
+BN / activation modules become nn.Identity. A BasicBlock whose conv2 absorbed bn2 becomes a
+ResidualFusedBlock: its `act2(conv2_out + shortcut(x))` runs in conv2's epilogue as well (residual =
+shortcut(x), clamp = act2's bounds), so the residual add and act2 cost no pass of their own.
 Logits equal the original eval model's up to float32 rounding (the sums are taken in another order;
 tests use rtol/atol 1e-4 with identical predictions); input gradients use the same STE masks.
 """
@@ -55,14 +57,17 @@ class PackedMBNConv2d(nn.Module):
         self.register_buffer("beta", None if beta is None else beta.detach().float().clone().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone().contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual (conv only): [B, Co, OH, OW], added after the bias and before the clamp."""
         lead = None
         if self.is_linear:
+            if residual is not None:
+                raise ValueError("residual: not supported by a packed linear layer")
             lead = x.shape[:-1]
             x = x.reshape(-1, self.in_channels, 1, 1)
         out = ops.mbn_conv2d_packed(x, self.w_packed, self.in_channels, self.kernel_size, self.alpha,
                                     self.v, self.beta, self.stride, self.padding, bias=self.bias,
-                                    clamp=self.clamp)
+                                    clamp=self.clamp, residual=residual)
         return out.reshape(*lead, self.out_channels) if self.is_linear else out
 
     @torch.no_grad()
@@ -151,9 +156,47 @@ def _fold(conv: nn.Module, bn: nn.Module, act: nn.Module | None = None) -> tuple
     return True, clamp is not None
 
 
+class ResidualFusedBlock(nn.Module):
+    """A frozen BasicBlock whose residual add and act2 run in conv2's epilogue:
+    conv2(act1(bn1(conv1(x))), residual=shortcut(x)), conv2 carrying act2's clamp. Same submodule names
+    as BasicBlock (act2 becomes nn.Identity), so state_dict keys are unchanged."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        clamp = _activation_clamp(block.act2)
+        conv2 = block.conv2
+        if not _residual_fusable(block):
+            raise ValueError(f"block: expected a folded BasicBlock with a packed conv2 and a Hardtanh / ReLU "
+                             f"act2, got {block}")
+        self.conv1, self.bn1, self.act1 = block.conv1, block.bn1, block.act1
+        self.conv2, self.bn2, self.act2 = conv2, block.bn2, nn.Identity()
+        self.shortcut = block.shortcut
+        conv2.clamp = clamp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.conv2(out, residual=self.shortcut(x))
+
+
+def _residual_fusable(block: nn.Module) -> bool:
+    conv2 = block.conv2
+    return (isinstance(conv2, PackedMBNConv2d) and not conv2.is_linear and conv2.clamp is None
+            and isinstance(block.bn2, nn.Identity) and _activation_clamp(block.act2) is not None)
+
+
+def _fuse_residuals(net: nn.Module) -> None:
+    """Replace every fusable BasicBlock by a ResidualFusedBlock (in place, same names)."""
+    from .models.resnet import BasicBlock
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is BasicBlock and _residual_fusable(child):
+                setattr(parent, name, ResidualFusedBlock(child))
+
+
 def fuse_packed(net: nn.Module) -> nn.Module:
     """Fold eval BatchNorm2d (and a following Hardtanh / ReLU that only feeds the next layer) into the
-    preceding packed convs, in place; the folded modules become nn.Identity."""
+    preceding packed convs, in place; the folded modules become nn.Identity. Then BasicBlocks whose bn2 was
+    folded become ResidualFusedBlocks (residual add + act2 in conv2's epilogue)."""
     from .models.resnet import BasicBlock
     for module in list(net.modules()):
         if isinstance(module, BasicBlock):
@@ -162,7 +205,7 @@ def fuse_packed(net: nn.Module) -> nn.Module:
                 module.bn1 = nn.Identity()
             if act_done:
                 module.act1 = nn.Identity()
-            if _fold(module.conv2, module.bn2)[0]:  # act2 follows the residual add: kept
+            if _fold(module.conv2, module.bn2)[0]:  # act2 follows the residual add: fused below
                 module.bn2 = nn.Identity()
         elif isinstance(module, nn.Sequential):  # e.g. option-B shortcut (conv, BN); stem-like chains
             for i in range(len(module) - 1):
@@ -172,6 +215,7 @@ def fuse_packed(net: nn.Module) -> nn.Module:
                     module[i + 1] = nn.Identity()
                 if act_done:
                     module[i + 2] = nn.Identity()
+    _fuse_residuals(net)
     return net
 
 
@@ -273,4 +317,5 @@ def state_dict_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-__all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "PackedMBNConv2d", "state_dict_bytes"]
+__all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "PackedMBNConv2d", "ResidualFusedBlock",
+           "state_dict_bytes"]

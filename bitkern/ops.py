@@ -9,7 +9,7 @@ Public wrappers (validate, then call the op):
   binary_conv2d(x, w, stride=1, padding=0)              -> int32, == F.conv2d(sign(x), sign(w)) exactly
   mbn_conv2d(x, w_bases, alpha, v, beta, stride, padding)            -> float32 (Eq. 2)
   mbn_conv2d_packed(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding,
-                    bias=None, clamp=None) -> float32
+                    bias=None, clamp=None, residual=None) -> float32
 """
 from __future__ import annotations
 
@@ -76,15 +76,20 @@ def _pack_weight_bases(backend, w_bases: Tensor) -> Tensor:
 
 
 def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias=None,
-             clamp=None) -> Tensor:
-    """out = clamp(sum_{m,n} alpha beta conv_mn + bias, *clamp); bias / clamp fused into the backend's
-    epilogue when it declares `fused_epilogue`, applied in torch afterwards otherwise."""
+             clamp=None, residual=None) -> Tensor:
+    """out = clamp((sum_{m,n} alpha beta conv_mn + bias) + residual, *clamp), rounded in that order;
+    bias / residual / clamp fused into the backend's epilogue when it declares `fused_epilogue`, applied
+    in torch afterwards otherwise."""
     backend = dispatch.backend_for(x.device)
     num_bases, out_channels = w_packed.shape[:2]
     bias = None if bias is None else bias.float().contiguous()
+    residual = None if residual is None else residual.float()
     clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
     fused = getattr(backend, "fused_epilogue", False)
-    epilogue = {"bias": bias, "clamp": clamp} if fused and (bias is not None or clamp is not None) else {}
+    epilogue = {}
+    if fused:
+        given = {"bias": bias, "clamp": clamp, "residual": residual}
+        epilogue = {k: t for k, t in given.items() if t is not None}  # backends without residual still work
     out, _ = backend.mbn_conv2d_packed(
         x.float(), w_packed, in_channels, tuple(kernel_size), _alpha2d(alpha, num_bases, out_channels),
         None if v is None else v.float().contiguous(), beta.float().contiguous(), tuple(stride),
@@ -92,6 +97,8 @@ def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padd
     if not fused:
         if bias is not None:
             out = out + bias.reshape(1, -1, 1, 1)
+        if residual is not None:
+            out = out + residual
         if clamp is not None:
             out = out.clamp(*clamp)
     return out.contiguous(memory_format=torch.channels_last)
@@ -161,12 +168,14 @@ def _(x, w_bases, alpha, v, beta, stride, padding):
 def _mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size: list[int],
                        alpha: Tensor, v: Optional[Tensor], beta: Tensor, stride: list[int],
                        padding: list[int], bias: Optional[Tensor] = None,
-                       clamp: Optional[list[float]] = None) -> Tensor:
-    return _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias, clamp)
+                       clamp: Optional[list[float]] = None, residual: Optional[Tensor] = None) -> Tensor:
+    return _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias, clamp,
+                    residual)
 
 
 @_mbn_conv2d_packed.register_fake
-def _(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias=None, clamp=None):
+def _(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias=None, clamp=None,
+      residual=None):
     oh, ow = _out_size(x, kernel_size, stride, padding)
     return _empty_channels_last((x.shape[0], w_packed.shape[1], oh, ow), torch.float32, x.device)
 
@@ -251,7 +260,9 @@ _mbn_conv2d.register_autograd(_backward_mbn, setup_context=_setup_mbn)
 
 
 def _setup_packed(ctx, inputs, output):
-    x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias, clamp = inputs
+    x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias, clamp, *rest = inputs
+    residual = rest[0] if rest else None
+    ctx.residual_dtype = None if residual is None else residual.dtype
     # The clamp's backward needs only its output (lo < y < hi iff lo < z < hi), not z itself.
     ctx.save_for_backward(x, w_packed, alpha, v, beta, output if clamp is not None else None)
     ctx.in_channels, ctx.kernel_size, ctx.stride, ctx.padding = in_channels, kernel_size, stride, padding
@@ -260,21 +271,25 @@ def _setup_packed(ctx, inputs, output):
 
 def _backward_packed(ctx, grad):
     x, w_packed, alpha, v, beta, out = ctx.saved_tensors
-    # The dispatcher drops trailing arguments equal to their defaults (bias=None, clamp=None): pad back.
+    # The dispatcher drops trailing arguments equal to their defaults (bias, clamp, residual = None):
+    # pad back.
     num_inputs = len(ctx.needs_input_grad)
-    needs = tuple(ctx.needs_input_grad) + (False,) * (11 - num_inputs)
-    needs_x, _, _, _, needs_alpha, needs_v, needs_beta, _, _, needs_bias, _ = needs
+    needs = tuple(ctx.needs_input_grad) + (False,) * (12 - num_inputs)
+    needs_x, _, _, _, needs_alpha, needs_v, needs_beta, _, _, needs_bias, _, needs_residual = needs
     if ctx.clamp is not None:  # strict window, as torch's hardtanh / relu backward
         lo, hi = ctx.clamp
         grad = grad * ((out > lo) & (out < hi)).to(grad.dtype)
     grad_bias = grad.float().sum((0, 2, 3)) if needs_bias else None
+    # d out / d residual = 1 inside the clamp window: the masked gradient itself.
+    grad_residual = grad.to(ctx.residual_dtype) if needs_residual else None
     grad_x = grad_alpha = grad_v = grad_beta = None
     if needs_x or needs_alpha or needs_v or needs_beta:
         weights = unpack_weight_bases(w_packed, ctx.in_channels)
         grad_x, _, grad_alpha, grad_v, grad_beta = _ste_backward(
             grad, x, weights, w_packed, ctx.in_channels, ctx.kernel_size, alpha, v, beta, ctx.stride,
             ctx.padding, needs_x, False, needs_alpha, needs_v, needs_beta)
-    return (grad_x, None, None, None, grad_alpha, grad_v, grad_beta, None, None, grad_bias, None)[:num_inputs]
+    return (grad_x, None, None, None, grad_alpha, grad_v, grad_beta, None, None, grad_bias, None,
+            grad_residual)[:num_inputs]
 
 
 _mbn_conv2d_packed.register_autograd(_backward_packed, setup_context=_setup_packed)
@@ -397,6 +412,15 @@ def _check_bias(bias, out_channels):
     _checks.check_finite("bias", bias)
 
 
+def _check_residual(residual, expected_shape):
+    if residual is None:
+        return
+    _checks.check_tensor("residual", residual, ndim=4, floating=True)
+    if tuple(residual.shape) != tuple(expected_shape):
+        raise ValueError(f"residual: expected shape {list(expected_shape)} (the output's [B, Co, OH, OW]), "
+                         f"got {_checks.describe(residual)}")
+
+
 def _check_clamp(clamp):
     """None, or (lo, hi) real numbers with lo < hi (either may be infinite: ReLU is (0, inf))."""
     if clamp is None:
@@ -412,13 +436,15 @@ def _check_clamp(clamp):
 
 def mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size, alpha: Tensor,
                       v: Tensor | None = None, beta: Tensor | None = None, stride=1, padding=0,
-                      bias: Tensor | None = None, clamp=None) -> Tensor:
+                      bias: Tensor | None = None, clamp=None, residual: Tensor | None = None) -> Tensor:
     """mbn_conv2d with pre-packed weight bases w_packed: int64 [M, Co, KH, KW, ceil(in_channels/64)].
 
-    bias: [Co] or None, added per output channel; clamp: (lo, hi) or None, applied last (Hardtanh is
-    (-1, 1), ReLU (0, inf)): out = clamp(mbn + bias, lo, hi), fused into the kernel's epilogue where the
-    backend supports it. Differentiable with respect to x, alpha, v, beta and bias (inference and
-    attacks on frozen models); the clamp passes gradient where lo < out < hi.
+    bias: [Co] or None, added per output channel; residual: [B, Co, OH, OW] (the output's shape) or None,
+    added after the bias (a ResNet shortcut); clamp: (lo, hi) or None, applied last (Hardtanh is
+    (-1, 1), ReLU (0, inf)): out = clamp((mbn + bias) + residual, lo, hi), rounded in that order and
+    fused into the kernel's epilogue where the backend supports it. Differentiable with respect to x,
+    alpha, v, beta, bias and residual (inference and attacks on frozen models); the clamp passes
+    gradient where lo < out < hi.
     """
     _checks.check_tensor("w_packed", w_packed, ndim=5, dtype=torch.int64)
     kernel_size = _checks.pair("kernel_size", kernel_size, minimum=1)
@@ -435,6 +461,11 @@ def mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size
     beta = _check_activation_args(x, v, beta)
     _check_bias(bias, w_packed.shape[1])
     clamp = _check_clamp(clamp)
-    _check_same_device(x, w_packed=w_packed, alpha=alpha, v=v, beta=beta, bias=bias)
+    out_size = _out_size(x, kernel_size, stride, padding)
+    _check_residual(residual, (x.shape[0], w_packed.shape[1], *out_size))
+    _check_same_device(x, w_packed=w_packed, alpha=alpha, v=v, beta=beta, bias=bias, residual=residual)
+    if residual is None:
+        return _mbn_conv2d_packed(x, w_packed, in_channels, list(kernel_size), alpha, v, beta,
+                                  list(stride), list(padding), bias, clamp)
     return _mbn_conv2d_packed(x, w_packed, in_channels, list(kernel_size), alpha, v, beta, list(stride),
-                              list(padding), bias, clamp)
+                              list(padding), bias, clamp, residual)

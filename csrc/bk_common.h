@@ -78,17 +78,20 @@ struct ConvPlan {
   const int32_t* vec_m;   // [MCp / 8] weight base of each 8-column group
   const int32_t* vec_co;  // [MCp / 8] first output channel of each 8-column group
   // Fused epilogue, applied once per output element on its last contribution (n == N-1, m == M-1):
-  // out = min(max(out + bias[co], clamp_lo), clamp_hi). Skipped entirely when epilogue is false.
+  // out = min(max((out + bias[co]) + residual[pix, co], clamp_lo), clamp_hi) (that rounding order).
+  // Skipped entirely when epilogue is false.
   bool epilogue;
   const float* bias;      // [Co] or null (no bias)
+  const float* residual;  // [P][Co] (channels_last, like out) or null (no residual)
   float clamp_lo, clamp_hi;  // -inf / +inf: no clamp on that side
   float* out;             // [P][Co] or null
   int32_t* pairs;         // [M][N][P][Co] or null
 };
 
 // The fused epilogue for one finished output element of channel co (plan.epilogue must be true).
-inline float epilogue_value(const ConvPlan& p, float y, int64_t co) {
+inline float epilogue_value(const ConvPlan& p, float y, int64_t pix, int64_t co) {
   if (p.bias) y += p.bias[co];
+  if (p.residual) y += p.residual[pix * p.Co + co];
   return std::min(std::max(y, p.clamp_lo), p.clamp_hi);
 }
 

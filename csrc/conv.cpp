@@ -136,7 +136,7 @@ void conv_blocks_scalar(const ConvPlan& p, int64_t blk0, int64_t blk1) {
             if (!p.out) continue;
             float& o = p.out[pix * p.Co + co];
             o += sc[col] * static_cast<float>(dot);
-            if (last) o = epilogue_value(p, o, co);
+            if (last) o = epilogue_value(p, o, pix, co);
           }
         }
       }
@@ -163,7 +163,7 @@ bool run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
 bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                    const float* alpha, const float* beta, const float* bias, float clamp_lo,
+                    const float* alpha, const float* beta, const float* bias, const float* residual, float clamp_lo,
                     float clamp_hi, float* out, int32_t* pairs, const std::string& isa_name,
                     int threads) {
   const Isa isa = parse_isa(isa_name);
@@ -268,8 +268,8 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   p.col_cls = col_cls.data(), p.n_col_cls = static_cast<int64_t>(col_classes.size());
   p.scale = scale.data(), p.vec_m = vec_m.data(), p.vec_co = vec_co.data();
   p.out = out, p.pairs = pairs;
-  p.bias = bias, p.clamp_lo = clamp_lo, p.clamp_hi = clamp_hi;
-  p.epilogue = out && (bias || clamp_lo > -INFINITY || clamp_hi < INFINITY);
+  p.bias = bias, p.residual = residual, p.clamp_lo = clamp_lo, p.clamp_hi = clamp_hi;
+  p.epilogue = out && (bias || residual || clamp_lo > -INFINITY || clamp_hi < INFINITY);
 
   // 3. Binary GEMM over pixel blocks; each block owns its output rows (no races).
   const int64_t nblk = ceil_div(p.P, p.R);

@@ -70,7 +70,7 @@ BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npi
       if (pr) pr[c] = dot;
       if (!o) continue;
       o[c] += sc[c] * static_cast<float>(dot);
-      if (last) o[c] = epilogue_value(p, o[c], co0 + c);
+      if (last) o[c] = epilogue_value(p, o[c], pix, co0 + c);
     }
   }
 }

@@ -43,7 +43,7 @@ BK_TARGET_AVX512 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t n
   // Epilogue. Columns of one zmm belong to one weight base m (Cop is a multiple of 8). The first
   // contribution to an output (n == 0, m == 0) stores, later ones accumulate: no zero-fill needed.
   // blocks() runs n ascending and column groups (m-major) ascending, so the last contribution is
-  // n == N-1, m == M-1: it adds the bias and clamps (fused epilogue).
+  // n == N-1, m == M-1: it adds the bias, then the residual, and clamps (fused epilogue).
   const int64_t Co = p.Co;
   __mmask8 mask[NV];
   int64_t co[NV], m[NV];
@@ -78,7 +78,11 @@ BK_TARGET_AVX512 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t n
         float* o = orow + co[v];
         const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s[v]);
         __m256 y = first[v] ? f : _mm256_add_ps(f, _mm256_maskz_loadu_ps(mask[v], o));
-        if (last[v]) y = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(y, bias[v]), lo), hi);
+        if (last[v]) {
+          if (p.bias) y = _mm256_add_ps(y, bias[v]);
+          if (p.residual) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(mask[v], p.residual + pix * Co + co[v]));
+          y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+        }
         _mm256_mask_storeu_ps(o, mask[v], y);
       }
     }

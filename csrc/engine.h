@@ -11,13 +11,14 @@ bool run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
                     int mode, float v, uint64_t* out, const std::string& isa, int threads);
 
 // Multi-base binary conv; see docs/cpu_kernels.md for the layouts. out / pairs may be null.
-// bias ([Co] or null) and [clamp_lo, clamp_hi] (+-inf: none) are fused into out's epilogue.
+// bias ([Co] or null), residual ([B, OH, OW, Co] channels_last or null) and [clamp_lo, clamp_hi]
+// (+-inf: none) are fused into out's epilogue: clamp((sum + bias) + residual).
 // Returns true when x holds a NaN (found while packing activation base 0); then out / pairs are not
 // written. Returns false without reading x when the output is empty.
 bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                    const float* alpha, const float* beta, const float* bias, float clamp_lo,
+                    const float* alpha, const float* beta, const float* bias, const float* residual, float clamp_lo,
                     float clamp_hi, float* out, int32_t* pairs, const std::string& isa, int threads);
 
 // True when the float32 buffer x[0..n) holds a NaN (one vectorized, multi-threaded pass).

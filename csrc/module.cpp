@@ -44,23 +44,23 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last, uintptr_t w,
          int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode, uintptr_t v, int64_t N, int64_t sh,
          int64_t sw, int64_t ph, int64_t pw, uintptr_t alpha, uintptr_t beta, uintptr_t bias,
-         float clamp_lo, float clamp_hi, uintptr_t out, uintptr_t pairs, const std::string& isa,
+         uintptr_t residual,         float clamp_lo, float clamp_hi, uintptr_t out, uintptr_t pairs, const std::string& isa,
          int threads) {
         py::gil_scoped_release nogil;
         return bk::run_mbn_conv2d(ptr<const float>(x), B, C, H, W, channels_last, ptr<const uint64_t>(w), M,
                            Co, KH, KW, mode, ptr<const float>(v), N, sh, sw, ph, pw,
                            ptr<const float>(alpha), ptr<const float>(beta), ptr<const float>(bias),
-                           clamp_lo, clamp_hi, ptr<float>(out),
+                           ptr<const float>(residual),                           clamp_lo, clamp_hi, ptr<float>(out),
                            ptr<int32_t>(pairs), isa, threads);
       },
       py::arg("x_ptr"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"),
       py::arg("channels_last"), py::arg("w_ptr"), py::arg("M"), py::arg("Co"), py::arg("KH"),
       py::arg("KW"), py::arg("mode"), py::arg("v_ptr"), py::arg("N"), py::arg("sh"), py::arg("sw"),
-      py::arg("ph"), py::arg("pw"), py::arg("alpha_ptr"), py::arg("beta_ptr"), py::arg("bias_ptr"),
+      py::arg("ph"), py::arg("pw"), py::arg("alpha_ptr"), py::arg("beta_ptr"), py::arg("bias_ptr"), py::arg("residual_ptr"),
       py::arg("clamp_lo"), py::arg("clamp_hi"), py::arg("out_ptr"),
       py::arg("pairs_ptr"), py::arg("isa"), py::arg("threads"),
-      "multi-base binary conv: out float32 [B,OH,OW,Co] (may be 0) = clamp(sum + bias, lo, hi) "
-      "(bias_ptr may be 0, clamp bounds +-inf for none) and/or pairs int32 [M,N,B,OH,OW,Co] (may "
+      "multi-base binary conv: out float32 [B,OH,OW,Co] (may be 0) = clamp((sum + bias) + residual, "
+      "lo, hi) (bias_ptr / residual_ptr [B,OH,OW,Co] may be 0, clamp bounds +-inf for none) and/or pairs int32 [M,N,B,OH,OW,Co] (may "
       "be 0); returns True when x holds a NaN (then out / pairs are not written); see "
       "docs/cpu_kernels.md");
 }

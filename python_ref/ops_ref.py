@@ -45,69 +45,52 @@ def _pair(value):
     return (value, value) if np.isscalar(value) else tuple(value)
 
 
+def _valid_taps(out_hw, in_hw, kernel_hw, stride, padding):
+    """Yield (oh, ow, kh, kw, ih, iw) for every kernel tap that lands inside the input; taps in the zero
+    padding are skipped, which is what "padded taps contribute 0" means."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    for oh in range(out_hw[0]):
+        for ow in range(out_hw[1]):
+            for kh in range(kernel_hw[0]):
+                ih = oh * sh - ph + kh
+                if not 0 <= ih < in_hw[0]:
+                    continue
+                for kw in range(kernel_hw[1]):
+                    iw = ow * sw - pw + kw
+                    if 0 <= iw < in_hw[1]:
+                        yield oh, ow, kh, kw, ih, iw
+
+
 def _conv_pm1(act, weight, stride, padding):
     """Integer convolution of +-1 maps with zero padding, by explicit loops over output positions and taps.
 
     act: int [B, C, H, W]; weight: int [Co, C, KH, KW]. Returns int64 [B, Co, OH, OW].
     """
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    batch, channels, height, width = act.shape
+    batch, _, height, width = act.shape
     out_channels, _, kh_size, kw_size = weight.shape
-    oh_size = (height + 2 * ph - kh_size) // sh + 1
-    ow_size = (width + 2 * pw - kw_size) // sw + 1
-    out = np.zeros((batch, out_channels, oh_size, ow_size), dtype=np.int64)
-    for oh in range(oh_size):
-        for ow in range(ow_size):
-            for kh in range(kh_size):
-                ih = oh * sh - ph + kh
-                if not 0 <= ih < height:
-                    continue  # padded row: contributes 0
-                for kw in range(kw_size):
-                    iw = ow * sw - pw + kw
-                    if not 0 <= iw < width:
-                        continue  # padded column: contributes 0
-                    # [B, C] x [Co, C] -> [B, Co]
-                    out[:, :, oh, ow] += act[:, :, ih, iw] @ weight[:, :, kh, kw].T
+    out_hw = ((height + 2 * ph - kh_size) // sh + 1, (width + 2 * pw - kw_size) // sw + 1)
+    out = np.zeros((batch, out_channels) + out_hw, dtype=np.int64)
+    for oh, ow, kh, kw, ih, iw in _valid_taps(out_hw, (height, width), (kh_size, kw_size), stride, padding):
+        out[:, :, oh, ow] += act[:, :, ih, iw] @ weight[:, :, kh, kw].T  # [B, C] x [Co, C] -> [B, Co]
     return out
 
 
 def _conv_transpose_pm1(grad_out, weight, input_shape, stride, padding):
     """Adjoint of _conv_pm1 with respect to its input (float), by loops."""
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    _, _, height, width = input_shape
-    _, _, kh_size, kw_size = weight.shape
     grad_in = np.zeros(input_shape, dtype=np.float64)
-    for oh in range(grad_out.shape[2]):
-        for ow in range(grad_out.shape[3]):
-            for kh in range(kh_size):
-                ih = oh * sh - ph + kh
-                if not 0 <= ih < height:
-                    continue
-                for kw in range(kw_size):
-                    iw = ow * sw - pw + kw
-                    if not 0 <= iw < width:
-                        continue
-                    grad_in[:, :, ih, iw] += grad_out[:, :, oh, ow] @ weight[:, :, kh, kw]
+    for oh, ow, kh, kw, ih, iw in _valid_taps(grad_out.shape[2:], input_shape[2:], weight.shape[2:], stride,
+                                              padding):
+        grad_in[:, :, ih, iw] += grad_out[:, :, oh, ow] @ weight[:, :, kh, kw]
     return grad_in
 
 
 def _conv_weight_grad(act, grad_out, weight_shape, stride, padding):
     """Gradient of sum(grad_out * conv(act, W)) with respect to W, by loops."""
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    _, _, height, width = act.shape
     grad_w = np.zeros(weight_shape, dtype=np.float64)
-    _, _, kh_size, kw_size = weight_shape
-    for oh in range(grad_out.shape[2]):
-        for ow in range(grad_out.shape[3]):
-            for kh in range(kh_size):
-                ih = oh * sh - ph + kh
-                if not 0 <= ih < height:
-                    continue
-                for kw in range(kw_size):
-                    iw = ow * sw - pw + kw
-                    if not 0 <= iw < width:
-                        continue
-                    grad_w[:, :, kh, kw] += grad_out[:, :, oh, ow].T @ act[:, :, ih, iw]
+    for oh, ow, kh, kw, ih, iw in _valid_taps(grad_out.shape[2:], act.shape[2:], weight_shape[2:], stride,
+                                              padding):
+        grad_w[:, :, kh, kw] += grad_out[:, :, oh, ow].T @ act[:, :, ih, iw]
     return grad_w
 
 

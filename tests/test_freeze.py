@@ -91,19 +91,21 @@ def _with_random_bn(model):
 
 @pytest.mark.parametrize("spec", ["xnor", "mbn3x1"])
 def test_fused_frozen_resnet20_logits_and_input_grads(spec):
-    """BN after every packed conv folded into alpha / bias; act1 (feeds conv2 only) fused as the clamp;
-    act2 (after the residual add) kept. Tolerance: the BN is now inside the sum (float32 rounding of a
-    different order, ~1e-7 relative); predictions identical."""
+    """BN after every packed conv folded into alpha / bias; act1 (feeds conv2 only) fused as conv1's
+    clamp; the residual add and act2 fused into conv2's epilogue (ResidualFusedBlock). Tolerance: the BN
+    is now inside the sum (float32 rounding of a different order, ~1e-7 relative); predictions identical."""
+    from bitkern.freeze import ResidualFusedBlock
     from bitkern.models.resnet import BasicBlock
     model = _with_random_bn(_trained_like(spec))
     frozen = freeze(model)
     assert frozen.meta["fused"] is True
-    blocks = [m for m in frozen.modules() if isinstance(m, BasicBlock)]
+    assert not any(isinstance(m, BasicBlock) for m in frozen.modules())
+    blocks = [m for m in frozen.modules() if isinstance(m, ResidualFusedBlock)]
     assert len(blocks) == 9
     for block in blocks:
         assert isinstance(block.bn1, torch.nn.Identity) and isinstance(block.act1, torch.nn.Identity)
-        assert isinstance(block.bn2, torch.nn.Identity) and isinstance(block.act2, torch.nn.Hardtanh)
-        assert block.conv1.clamp == (-1.0, 1.0) and block.conv2.clamp is None
+        assert isinstance(block.bn2, torch.nn.Identity) and isinstance(block.act2, torch.nn.Identity)
+        assert block.conv1.clamp == (-1.0, 1.0) and block.conv2.clamp == (-1.0, 1.0)
         assert block.conv1.alpha.shape == (block.conv1.M, block.conv1.out_channels)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules()) == 1  # the fp stem's
     x1 = torch.rand(8, 3, 16, 16, requires_grad=True)
@@ -115,6 +117,9 @@ def test_fused_frozen_resnet20_logits_and_input_grads(spec):
     torch.nn.functional.cross_entropy(expected, labels).backward()
     torch.nn.functional.cross_entropy(got, labels).backward()
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(frozen.forward_features(x1.detach()), model.forward_features(x1.detach()),
+                               rtol=1e-4, atol=1e-4)
+    assert frozen.fc is frozen.net.fc
 
 
 def test_fused_frozen_roundtrip_and_v1_files(tmp_path):

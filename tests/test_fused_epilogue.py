@@ -1,8 +1,9 @@
-"""Fused epilogue of mbn_conv2d_packed: out = clamp(mbn + bias[co], lo, hi), on every CPU backend / ISA.
+"""Fused epilogue of mbn_conv2d_packed: out = clamp((mbn + bias[co]) + residual, lo, hi), on every CPU
+backend / ISA.
 
 The fused result must equal the unfused op followed by the same bias add and clamp in torch (the kernel
 adds the bias to the finished float32 sum and clamps it: same operations, same order), and also the
-pure-torch backend within float32 accumulation tolerance. Gradients (x, alpha, v, beta, bias) must equal
+pure-torch backend within float32 accumulation tolerance. Gradients (x, alpha, v, beta, bias, residual) must equal
 those of the unfused op followed by torch's own add + hardtanh / relu (strict pass-through window).
 """
 import math
@@ -47,11 +48,13 @@ def _case(shape, seed):
                 stride=stride, padding=padding), bias
 
 
-def _unfused(args, bias, clamp):
+def _unfused(args, bias, clamp, residual=None):
     """The same computation as separate torch passes (hardtanh / relu: strict gradient window)."""
     out = ops.mbn_conv2d_packed(**args)
     if bias is not None:
         out = out + bias.reshape(1, -1, 1, 1)
+    if residual is not None:
+        out = out + residual
     if clamp is None:
         return out
     if clamp[1] == math.inf:
@@ -170,3 +173,126 @@ def test_clear_errors(kwargs, error, match):
     args, _ = _case(SHAPES[0], 50)
     with pytest.raises(error, match=match):
         ops.mbn_conv2d_packed(**args, **kwargs)
+
+
+def _residual(args, seed, channels_last=False):
+    """A residual of the op's output shape [B, Co, OH, OW] (NCHW or channels_last memory)."""
+    shape = ops.mbn_conv2d_packed(**args).shape
+    r = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return r.contiguous(memory_format=torch.channels_last) if channels_last else r
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"s{i}" for i in range(len(SHAPES))])
+def test_fused_residual_equals_unfused(cpu_backend, shape):
+    seed = 60 + SHAPES.index(shape)
+    args, bias = _case(shape, seed)
+    for i, clamp in enumerate(CLAMPS):
+        residual = _residual(args, seed + i, channels_last=i % 2 == 1)
+        for b in (None, bias):
+            expected = _unfused(args, b, clamp, residual)
+            got = ops.mbn_conv2d_packed(**args, bias=b, clamp=clamp, residual=residual)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)  # same roundings, same order
+    residual = _residual(args, seed)
+    got = ops.mbn_conv2d_packed(**args, bias=bias, clamp=(-1.0, 1.0), residual=residual)
+    # bit-exact vs the pure-torch backend (it replicates the packed kernels' arithmetic) ...
+    dispatch.set_backend("torch")
+    exact = ops.mbn_conv2d_packed(**args, bias=bias, clamp=(-1.0, 1.0), residual=residual)
+    dispatch.set_backend(cpu_backend[0])
+    assert torch.equal(got, exact)
+    # ... and within float32 accumulation tolerance vs a plain torch computation (F.conv2d on +-1 bases)
+    x, alpha, beta = args["x"], args["alpha"], args["beta"]
+    M, Co = args["w_packed"].shape[:2]
+    weights = torch_backend.unpack_weight_bases(args["w_packed"], args["in_channels"])
+    acts = torch_backend.activation_bases(x, args["v"])
+    alpha2d = alpha.reshape(M, -1).expand(M, Co)
+    plain = sum(alpha2d[m].reshape(1, -1, 1, 1) * beta[n]
+                * F.conv2d(acts[n], weights[m], stride=args["stride"], padding=args["padding"])
+                for m in range(M) for n in range(len(acts)))
+    plain = (plain + bias.reshape(1, -1, 1, 1) + residual).clamp(-1.0, 1.0)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=[f"s{i}" for i in range(5)])
+@pytest.mark.parametrize("clamp", [None, (-1.0, 1.0), (0.0, math.inf)], ids=["none", "hardtanh", "relu"])
+def test_residual_gradients_equal_unfused(cpu_backend, shape, clamp):
+    args, bias = _case(shape, 70 + SHAPES.index(shape))
+    leaves = {"x": args["x"], "alpha": args["alpha"], "beta": args["beta"], "bias": bias,
+              "residual": _residual(args, 71)}
+    if args["v"] is not None:
+        leaves["v"] = args["v"]
+    grads = []
+    for fused in (True, False):
+        inputs = {k: t.detach().clone().requires_grad_() for k, t in leaves.items()}
+        call = {**args, **{k: t for k, t in inputs.items() if k not in ("bias", "residual")}}
+        out = (ops.mbn_conv2d_packed(**call, bias=inputs["bias"], clamp=clamp, residual=inputs["residual"])
+               if fused else _unfused(call, inputs["bias"], clamp, inputs["residual"]))
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        (out * weight).sum().backward()
+        grads.append({k: t.grad for k, t in inputs.items()})
+    for name in leaves:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-5, msg=name)
+    # only the residual needs a gradient (e.g. an attack through the shortcut alone)
+    residual = leaves["residual"].detach().clone().requires_grad_()
+    ops.mbn_conv2d_packed(**args, residual=residual, clamp=clamp).sum().backward()
+    assert residual.grad is not None and residual.grad.shape == residual.shape
+
+
+def test_opcheck_with_residual_bias_and_clamp(cpu_backend):
+    args, bias = _case(SHAPES[0], 80)
+    residual = _residual(args, 81)
+    call = (args["x"].requires_grad_(), args["w_packed"], args["in_channels"], list(args["kernel_size"]),
+            args["alpha"].requires_grad_(), args["v"].requires_grad_(), args["beta"].requires_grad_(),
+            [1, 1], [1, 1], bias.requires_grad_(), [-1.0, 1.0], residual.requires_grad_())
+    torch.library.opcheck(torch.ops.bitkern.mbn_conv2d_packed.default, call)
+
+
+def test_backend_without_fused_epilogue_gets_residual_in_torch(monkeypatch):
+    calls = []
+
+    class Plain:
+        name = "plain"
+
+        def mbn_conv2d_packed(self, *args, **kwargs):
+            calls.append(kwargs)
+            return torch_backend.backend.mbn_conv2d_packed(*args, **kwargs)
+
+    args, bias = _case(SHAPES[0], 90)
+    residual = _residual(args, 91)
+    expected = _unfused(args, bias, (-1.0, 1.0), residual)
+    monkeypatch.setattr(dispatch, "backend_for", lambda device: Plain())
+    got = ops.mbn_conv2d_packed(**args, bias=bias, clamp=(-1.0, 1.0), residual=residual)
+    assert calls and all(not {"bias", "clamp", "residual"} & set(kw) for kw in calls)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_cpp_residual_layouts_and_errors():
+    cpp = dispatch.get("cpp")
+    if not cpp.available:
+        pytest.skip(f"cpp backend unavailable: {cpp.reason}")
+    args, bias = _case(SHAPES[0], 95)
+    alpha2d = args["alpha"].reshape(3, -1).expand(3, 13).contiguous()
+    call = (args["x"], args["w_packed"], 16, (3, 3), alpha2d, args["v"], args["beta"], (1, 1), (1, 1))
+    out0, pairs0 = cpp.mbn_conv2d_packed(*call, want_pairs=True)
+    residual = torch.randn(out0.shape)
+    out1, pairs1 = cpp.mbn_conv2d_packed(*call, want_pairs=True, bias=bias, residual=residual)
+    assert torch.equal(pairs0, pairs1)
+    assert torch.equal(out1, out0 + bias.reshape(1, -1, 1, 1) + residual)  # no clamp: residual alone
+    out2, _ = cpp.mbn_conv2d_packed(*call, residual=residual.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(out2, out0 + residual)
+    with pytest.raises(ValueError, match="residual"):
+        cpp.mbn_conv2d_packed(*call, residual=residual[:, :12])
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda s: torch.zeros(s[0], s[1] - 1, s[2], s[3]), ValueError, r"residual: expected shape"),
+    (lambda s: torch.zeros(s[0], s[1], s[2] + 1, s[3]), ValueError, r"residual: expected shape"),
+    (lambda s: torch.zeros(s[1], s[2], s[3]), ValueError, "residual: expected a 4-d"),
+    (lambda s: torch.zeros(s, dtype=torch.int64), TypeError, "residual: expected a floating"),
+    (lambda s: torch.zeros(s, device="meta"), ValueError, "residual: expected a tensor on cpu"),
+])
+def test_residual_clear_errors(make, error, match):
+    args, _ = _case(SHAPES[0], 96)
+    shape = ops.mbn_conv2d_packed(**args).shape
+    with pytest.raises(error, match=match):
+        ops.mbn_conv2d_packed(**args, residual=make(shape))

@@ -121,7 +121,7 @@ def _activation_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 class CppBackend:
     name = "cpp"
-    fused_epilogue = True  # mbn_conv2d_packed applies bias / clamp inside the kernel's epilogue
+    fused_epilogue = True  # mbn_conv2d_packed applies bias / residual / clamp inside the kernel's epilogue
     # pack_signs / mbn_conv2d_packed raise ValueError for NaN in x, detected while packing x (no separate
     # pass), so bitkern.ops skips its own NaN scan of x (weights are still scanned there).
     checks_nan = True
@@ -167,11 +167,13 @@ class CppBackend:
         return out
 
     def mbn_conv2d_packed(self, x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride, padding,
-                          want_pairs=False, bias=None, clamp=None):
+                          want_pairs=False, bias=None, clamp=None, residual=None):
         """Multi-base binary conv on packed weights; see docs/architecture.md (Backends).
 
-        bias (float32 [Co] or None) and clamp ((lo, hi) or None) are fused into out's epilogue:
-        out = clamp(sum_{m,n} alpha * beta * conv_mn + bias, lo, hi); pairs are unaffected.
+        bias (float32 [Co] or None), residual (float32 [B, Co, OH, OW] or None) and clamp ((lo, hi) or
+        None) are fused into out's epilogue: out = clamp((sum_{m,n} alpha * beta * conv_mn + bias) +
+        residual, lo, hi); pairs are unaffected. residual is read channels_last (copied only if it
+        is not channels_last-contiguous).
         Returns (out float32 [B, Co, OH, OW] in channels_last memory format, or None when alpha2d is
         None; pairs int32 [M, N, B, Co, OH, OW] (a permuted view) or None)."""
         self._require()
@@ -216,6 +218,12 @@ class CppBackend:
                 raise ValueError(f"bias: expected shape [{out_ch}] = [Co], got {tuple(bias.shape)}")
         clamp_lo, clamp_hi = _clamp_bounds(clamp)
         oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        if residual is not None:
+            residual = _check_cpu_tensor("residual", residual, torch.float32, 4)
+            if tuple(residual.shape) != (batch, out_ch, oh, ow):
+                raise ValueError(f"residual: expected shape {(batch, out_ch, oh, ow)} = [B, Co, OH, OW], "
+                                 f"got {tuple(residual.shape)}")
+            residual = residual.contiguous(memory_format=torch.channels_last)
         given = x
         x, channels_last = _activation_layout(x)
         w_packed = w_packed.contiguous()
@@ -230,7 +238,9 @@ class CppBackend:
                 x.data_ptr(), batch, channels, height, width, channels_last, w_packed.data_ptr(),
                 num_w, out_ch, kh, kw, mode, v.data_ptr(), num_a, sh, sw, ph, pw,
                 alpha2d.data_ptr() if alpha2d is not None else 0, beta.data_ptr(),
-                bias.data_ptr() if bias is not None else 0, clamp_lo, clamp_hi,
+                bias.data_ptr() if bias is not None else 0,
+                residual.data_ptr() if residual is not None and alpha2d is not None else 0,
+                clamp_lo, clamp_hi,
                 out.data_ptr() if out is not None else 0,
                 pairs.data_ptr() if pairs is not None else 0, current_isa(), num_threads())
             if x_has_nan:
@@ -242,6 +252,8 @@ class CppBackend:
             out.zero_()
             if bias is not None:
                 out.add_(bias.reshape(1, -1, 1, 1))
+            if residual is not None:
+                out.add_(residual)
             if clamp is not None:
                 out.clamp_(clamp_lo, clamp_hi)
         return out, pairs

@@ -64,7 +64,7 @@ class TorchBackend:
     name = "torch"
     available = True
     reason = ""
-    fused_epilogue = True  # bias / clamp applied in place on the fresh output (no extra tensors)
+    fused_epilogue = True  # bias / residual / clamp applied in place on the fresh output (no extra tensors)
 
     def supports(self, device) -> bool:
         return True
@@ -73,7 +73,7 @@ class TorchBackend:
         return pack_bits(binarize(x, mode, v))
 
     def mbn_conv2d_packed(self, x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride, padding,
-                          want_pairs=False, bias=None, clamp=None):
+                          want_pairs=False, bias=None, clamp=None, residual=None):
         # +-1 sums stay exact in float32 up to 2**24 terms; use float64 beyond.
         exact = torch.float32 if in_channels * kernel_size[0] * kernel_size[1] < 2 ** 24 else torch.float64
         weights = unpack_weight_bases(w_packed, in_channels, exact)
@@ -96,6 +96,8 @@ class TorchBackend:
                     out = term if out is None else out + term
             if bias is not None:
                 out.add_(bias.to(out.dtype).reshape(1, -1, 1, 1))
+            if residual is not None:  # after the bias, before the clamp: the packed epilogue's order
+                out.add_(residual.to(out.dtype))
             if clamp is not None:
                 out.clamp_(float(clamp[0]), float(clamp[1]))
         return out, pairs

@@ -70,17 +70,10 @@ def least_squares_alpha(weight: torch.Tensor, bases: torch.Tensor, per_channel: 
     return (sol.t().contiguous() if per_channel else sol[0]).to(torch.float32)
 
 
-class MBNConv2d(nn.Conv2d):
-    """ABC-Net multi-bit convolution: M weight bases x N activation bases (paper 000 Eq. 2).
+class _MultiBitBases:
+    """ABC-Net weight bases, alpha, activation shifts v and beta, shared by MBNConv2d and MBNLinear."""
 
-    out = sum_m sum_n alpha_m beta_n conv(sign(W - mean + u_m std), H_{v_n}(x)). alpha is trainable and
-    initialised by least squares; v (activation shifts) and beta (init 1/N) are trainable. ``per_channel``
-    (default True, the ABC-Net choice) takes mean/std and alpha per output channel instead of per layer.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 M: int = 3, N: int = 1, bias: bool = False, per_channel: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+    def _init_bases(self, M: int, N: int, per_channel: bool, out_channels: int) -> None:
         self.M, self.N = _check_bases("M", M), _check_bases("N", N)
         self.per_channel = bool(per_channel)
         self.register_buffer("u", weight_shifts(self.M))
@@ -92,11 +85,24 @@ class MBNConv2d(nn.Conv2d):
     @torch.no_grad()
     def reset_alpha(self) -> None:
         """Re-fit alpha to the current latent weights by least squares (e.g. after loading fp weights)."""
-        bases = weight_bases(self.weight, self.u, self.per_channel)
-        self.alpha.copy_(least_squares_alpha(self.weight, bases, self.per_channel))
+        self.alpha.copy_(least_squares_alpha(self.weight, self.bases(), self.per_channel))
 
     def bases(self) -> torch.Tensor:
         return weight_bases(self.weight, self.u, self.per_channel)
+
+
+class MBNConv2d(_MultiBitBases, nn.Conv2d):
+    """ABC-Net multi-bit convolution: M weight bases x N activation bases (paper 000 Eq. 2).
+
+    out = sum_m sum_n alpha_m beta_n conv(sign(W - mean + u_m std), H_{v_n}(x)). alpha is trainable and
+    initialised by least squares; v (activation shifts) and beta (init 1/N) are trainable. ``per_channel``
+    (default True, the ABC-Net choice) takes mean/std and alpha per output channel instead of per layer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 M: int = 3, N: int = 1, bias: bool = False, per_channel: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self._init_bases(M, N, per_channel, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = ops.mbn_conv2d(x, self.bases(), self.alpha, self.v, self.beta, self.stride, self.padding)
@@ -141,27 +147,13 @@ class _LinearAsConv(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-class MBNLinear(_LinearAsConv):
+class MBNLinear(_MultiBitBases, _LinearAsConv):
     """Multi-bit fully connected layer (same bases, alpha, v, beta as MBNConv2d)."""
 
     def __init__(self, in_features: int, out_features: int, M: int = 3, N: int = 1, bias: bool = False,
                  per_channel: bool = True):
         super().__init__(in_features, out_features, bias=bias)
-        self.M, self.N = _check_bases("M", M), _check_bases("N", N)
-        self.per_channel = bool(per_channel)
-        self.register_buffer("u", weight_shifts(self.M))
-        self.alpha = nn.Parameter(torch.empty(self.M, out_features) if self.per_channel else torch.empty(self.M))
-        self.v = nn.Parameter(activation_shifts(self.N))
-        self.beta = nn.Parameter(torch.full((self.N,), 1.0 / self.N))
-        self.reset_alpha()
-
-    @torch.no_grad()
-    def reset_alpha(self) -> None:
-        bases = weight_bases(self.weight, self.u, self.per_channel)
-        self.alpha.copy_(least_squares_alpha(self.weight, bases, self.per_channel))
-
-    def bases(self) -> torch.Tensor:
-        return weight_bases(self.weight, self.u, self.per_channel)
+        self._init_bases(M, N, per_channel, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x4, lead = self._conv_input(x)
