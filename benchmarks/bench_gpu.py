@@ -9,11 +9,8 @@ activation packing (weights are packed once, as in a frozen model). Without a CU
 and exits 0.
 """
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +37,8 @@ def _time_ms(fn, repeat, warmup):
 
 
 def _write_json(path, rows):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(rows, handle, indent=2)
-    os.replace(tmp, path)
+    from bitkern._io import atomic_write_json
+    atomic_write_json(path, rows)
 
 
 def main(argv=None):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from bitkern._io import atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PEAK_BIT_MACS = 2e12  # the reference rate for 2 AVX-512 cores
@@ -31,17 +32,7 @@ def record_op_timing(request):
     return record
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_atomic_write = atomic_write_text  # results survive an interrupted run
 
 
 def _fmt(value, spec=".2f", suffix=""):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitkern.models import ARCHS, create, parse_quant
+from bitkern.models import create, parse_quant
 from bitkern.nn import MBNConv2d, QConv2d, XNORConv2d
 
 SPECS = ["fp", "pact-w2a4", "xnor", "mbn3x1", "mbn1x3", "prune-weight-50", "prune-channel-50"]
