@@ -121,21 +121,26 @@ def test_opcheck_with_bias_and_clamp(cpu_backend):
     torch.library.opcheck(torch.ops.bitkern.mbn_conv2d_packed.default, call)
 
 
+class _PlainBackend:
+    """A backend without fused_epilogue (like triton / cuda); records the keyword arguments it gets."""
+    name = "plain"
+
+    def __init__(self):
+        self.calls = []
+
+    def mbn_conv2d_packed(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        return torch_backend.backend.mbn_conv2d_packed(*args, **kwargs)
+
+
 def test_backend_without_fused_epilogue(monkeypatch):
     """A backend that does not declare fused_epilogue (triton / cuda) gets plain calls; ops.py applies the
     bias and clamp afterwards."""
-    calls = []
-
-    class Plain:
-        name = "plain"
-
-        def mbn_conv2d_packed(self, *args, **kwargs):
-            calls.append(kwargs)
-            return torch_backend.backend.mbn_conv2d_packed(*args, **kwargs)
-
+    plain = _PlainBackend()
+    calls = plain.calls
     args, bias = _case(SHAPES[0], 30)
     expected = _unfused(args, bias, (-1.0, 1.0))
-    monkeypatch.setattr(dispatch, "backend_for", lambda device: Plain())
+    monkeypatch.setattr(dispatch, "backend_for", lambda device: plain)
     got = ops.mbn_conv2d_packed(**args, bias=bias, clamp=(-1.0, 1.0))
     assert calls and all("bias" not in kw and "clamp" not in kw for kw in calls)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -248,19 +253,12 @@ def test_opcheck_with_residual_bias_and_clamp(cpu_backend):
 
 
 def test_backend_without_fused_epilogue_gets_residual_in_torch(monkeypatch):
-    calls = []
-
-    class Plain:
-        name = "plain"
-
-        def mbn_conv2d_packed(self, *args, **kwargs):
-            calls.append(kwargs)
-            return torch_backend.backend.mbn_conv2d_packed(*args, **kwargs)
-
+    plain = _PlainBackend()
+    calls = plain.calls
     args, bias = _case(SHAPES[0], 90)
     residual = _residual(args, 91)
     expected = _unfused(args, bias, (-1.0, 1.0), residual)
-    monkeypatch.setattr(dispatch, "backend_for", lambda device: Plain())
+    monkeypatch.setattr(dispatch, "backend_for", lambda device: plain)
     got = ops.mbn_conv2d_packed(**args, bias=bias, clamp=(-1.0, 1.0), residual=residual)
     assert calls and all(not {"bias", "clamp", "residual"} & set(kw) for kw in calls)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
