@@ -101,7 +101,7 @@ class PackedMBNConv2d(nn.Module):
 @torch.no_grad()
 def _pack_bases(bases: torch.Tensor) -> torch.Tensor:
     """float [M, Co, C, KH, KW] -> int64 [M, Co, KH, KW, Kw] via bitkern.ops.pack_signs."""
-    return torch.stack([ops.pack_signs(b.contiguous()) for b in bases])
+    return ops.pack_signs(bases.flatten(0, 1).contiguous()).unflatten(0, bases.shape[:2])
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def _packed_layer(module: nn.Module) -> PackedMBNConv2d:
     else:
         geometry = (module.kernel_size, module.stride, module.padding)
         cin, cout = module.in_channels, module.out_channels
-    if isinstance(module.padding, str) if not linear else False:
+    if not linear and isinstance(module.padding, str):
         raise ValueError(f"freeze: string padding {module.padding!r} is not supported; use ints")
     return PackedMBNConv2d(_pack_bases(bases.float()), cin, cout, *geometry, alpha, v, beta, module.bias,
                            xnor, linear)

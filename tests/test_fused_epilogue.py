@@ -146,13 +146,19 @@ def test_backend_without_fused_epilogue(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cpp_pairs_unaffected_by_epilogue():
+def _direct_cpp_call(seed):
+    """The cpp backend and positional arguments for calling it directly on SHAPES[0] (skips without it)."""
     cpp = dispatch.get("cpp")
     if not cpp.available:
         pytest.skip(f"cpp backend unavailable: {cpp.reason}")
-    args, bias = _case(SHAPES[0], 40)
+    args, bias = _case(SHAPES[0], seed)
     alpha2d = args["alpha"].reshape(3, -1).expand(3, 13).contiguous()
     call = (args["x"], args["w_packed"], 16, (3, 3), alpha2d, args["v"], args["beta"], (1, 1), (1, 1))
+    return cpp, call, bias
+
+
+def test_cpp_pairs_unaffected_by_epilogue():
+    cpp, call, bias = _direct_cpp_call(40)
     out0, pairs0 = cpp.mbn_conv2d_packed(*call, want_pairs=True)
     out1, pairs1 = cpp.mbn_conv2d_packed(*call, want_pairs=True, bias=bias, clamp=(-0.5, 0.5))
     assert torch.equal(pairs0, pairs1)
@@ -265,12 +271,7 @@ def test_backend_without_fused_epilogue_gets_residual_in_torch(monkeypatch):
 
 
 def test_cpp_residual_layouts_and_errors():
-    cpp = dispatch.get("cpp")
-    if not cpp.available:
-        pytest.skip(f"cpp backend unavailable: {cpp.reason}")
-    args, bias = _case(SHAPES[0], 95)
-    alpha2d = args["alpha"].reshape(3, -1).expand(3, 13).contiguous()
-    call = (args["x"], args["w_packed"], 16, (3, 3), alpha2d, args["v"], args["beta"], (1, 1), (1, 1))
+    cpp, call, bias = _direct_cpp_call(95)
     out0, pairs0 = cpp.mbn_conv2d_packed(*call, want_pairs=True)
     residual = torch.randn(out0.shape)
     out1, pairs1 = cpp.mbn_conv2d_packed(*call, want_pairs=True, bias=bias, residual=residual)

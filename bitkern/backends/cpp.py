@@ -70,17 +70,6 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _pair(name: str, value, minimum: int) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ValueError(f"{name}: expected values >= {minimum}, got {tuple(value)!r}")
-    return int(value[0]), int(value[1])
-
-
 def _check_cpu_tensor(name: str, t, dtype: torch.dtype, ndim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -179,8 +168,9 @@ class CppBackend:
         self._require()
         _check_cpu_tensor("x", x, torch.float32, 4)
         _check_cpu_tensor("w_packed", w_packed, torch.int64, 5)
-        kh, kw = _pair("kernel_size", kernel_size, 1)
-        (sh, sw), (ph, pw) = _pair("stride", stride, 1), _pair("padding", padding, 0)
+        kh, kw = _checks.pair("kernel_size", kernel_size, minimum=1)
+        (sh, sw) = _checks.pair("stride", stride, minimum=1)
+        (ph, pw) = _checks.pair("padding", padding, minimum=0)
         batch, channels, height, width = x.shape
         if channels != in_channels:
             raise ValueError(f"x: expected {in_channels} channels (in_channels), got shape {tuple(x.shape)}")

@@ -13,14 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from bitkern import _checks
+
 MODES = ("sign", "hv")
-
-
-def _pair(value, name):
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) for p in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
 
 
 def _describe(t):
@@ -71,11 +66,9 @@ def check_conv_args(x, w_packed, in_channels, kernel_size, alpha2d, v, beta, str
     B, C, H, W = x.shape
     if C != in_channels:
         raise ValueError(f"x has {C} channels (shape {tuple(x.shape)}) but in_channels={in_channels}")
-    KH, KW = _pair(kernel_size, "kernel_size")
-    SH, SW = _pair(stride, "stride")
-    PH, PW = _pair(padding, "padding")
-    if SH < 1 or SW < 1 or PH < 0 or PW < 0:
-        raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    KH, KW = _checks.pair("kernel_size", kernel_size, minimum=1)
+    SH, SW = _checks.pair("stride", stride, minimum=1)
+    PH, PW = _checks.pair("padding", padding, minimum=0)
     kw_words = max(1, math.ceil(C / 64))
     M, Co = w_packed.shape[:2]
     if tuple(w_packed.shape[2:]) != (KH, KW, kw_words) or M < 1:
