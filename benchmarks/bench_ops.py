@@ -27,7 +27,7 @@ def _rounds(channels: int, batch: int, slow: bool = False) -> int:
     big = batch * channels * channels >= 128 * 256 * 256
     if big:
         return 2 if slow else 3
-    return 5 if batch > 1 else 20
+    return 30 if batch > 1 else 50
 
 
 def _cpp_or_skip():

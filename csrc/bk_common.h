@@ -63,12 +63,15 @@ struct ConvPlan {
   int64_t N, K;  // K = KH * KW * Kw words per output pixel
   int64_t R;  // pixels per register block
   // Tap folding for C <= 32 (Kw == 1): G kernel columns share one word (tap u at bits u*C..), so a
-  // kernel row takes NG = ceil(KW / G) words instead of KW (panel and weights built that way).
+  // kernel row takes NG = ceil(KW / G) words instead of KW (folded planes and weights built that way).
   // fold_G == 0: no folding (NG == KW).
   int64_t fold_G, NG;
-  const uint64_t* fold_full;  // [N][B][Hp][Wp]: groups of fold_G taps
-  const uint64_t* fold_last;  // the last group's tap count (== act when it is a single tap)
-  const uint64_t* act;    // [N][B][Hp][Wp][Kw]
+  // GEMM operand A is read in place (no gather): word k of output pixel q for base n is
+  // act[n * plane + pix_off(q) + koff[k]], pix_off(q) = ((b * Hp + oh * sh) * Wp + ow * sw) * Kw.
+  // Folded planes follow the packed planes in act, so koff also selects the plane.
+  const uint64_t* act;    // [N][B][Hp][Wp][Kw], then the folded planes [N][B][Hp][Wp] (Kw == 1)
+  int64_t plane;          // words per base: B * Hp * Wp * Kw
+  const int64_t* koff;    // [K]
   const uint64_t* wt;     // [K][MCp], 64-byte aligned
   const int32_t* base;    // [n_row_cls * n_col_cls][MCp]: KH*KW*C - padding correction
   const int32_t* row_cls; // [OH]
@@ -95,16 +98,45 @@ inline float epilogue_value(const ConvPlan& p, float y, int64_t pix, int64_t co)
   return std::min(std::max(y, p.clamp_lo), p.clamp_hi);
 }
 
-// Gathers the activation words of pixels [pix0, pix0 + npix) for base n into panel[K][R]
-// (rows >= npix zero) and their padding classes into cls[R].
-void build_panel(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix, uint64_t* panel,
-                 int32_t* cls);
+// Walks output pixels in order from a start pixel, yielding each one's word offset pix_off (see
+// ConvPlan::act) and padding class; the divisions happen once, at construction.
+class PixelCursor {
+ public:
+  PixelCursor(const ConvPlan& p, int64_t pix) : p_(p), ow_(pix % p.OW) {
+    const int64_t t = pix / p.OW;
+    oh_ = t % p.OH, b_ = t / p.OH;
+    start_row();
+  }
+  // The next npix pixels into off[0..npix) / cls[0..npix); entries npix..R-1 repeat the first one
+  // (computed, never stored).
+  void next(int64_t npix, int64_t R, int64_t* off, int32_t* cls) {
+    for (int64_t i = 0; i < npix; ++i) {
+      off[i] = row_ + ow_ * p_.sw * p_.Kw;
+      cls[i] = row_cls_ + p_.col_cls[ow_];
+      if (++ow_ == p_.OW) {
+        ow_ = 0;
+        if (++oh_ == p_.OH) oh_ = 0, ++b_;
+        start_row();
+      }
+    }
+    for (int64_t i = npix; i < R; ++i) off[i] = off[0], cls[i] = cls[0];
+  }
 
-// Processes pixel blocks [blk0, blk1) (block = R consecutive output pixels), all n and columns.
-void conv_blocks_scalar(const ConvPlan& p, int64_t blk0, int64_t blk1);
+ private:
+  void start_row() {
+    row_ = (b_ * p_.Hp + oh_ * p_.sh) * p_.Wp * p_.Kw;
+    row_cls_ = p_.row_cls[oh_] * static_cast<int32_t>(p_.n_col_cls);
+  }
+  const ConvPlan& p_;
+  int64_t ow_, oh_, b_, row_;
+  int32_t row_cls_;
+};
+
+// Processes output pixels [pix_begin, pix_end) in blocks of R, all n and columns.
+void conv_blocks_scalar(const ConvPlan& p, int64_t pix_begin, int64_t pix_end);
 #if BK_X86
-void conv_blocks_avx2(const ConvPlan& p, int64_t blk0, int64_t blk1);
-void conv_blocks_avx512(const ConvPlan& p, int64_t blk0, int64_t blk1);
+void conv_blocks_avx2(const ConvPlan& p, int64_t pix_begin, int64_t pix_end);
+void conv_blocks_avx512(const ConvPlan& p, int64_t pix_begin, int64_t pix_end);
 #endif
 
 // Register block height (pixels) per ISA for a given number of 8-column groups.

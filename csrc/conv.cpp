@@ -72,56 +72,23 @@ int64_t block_rows(Isa isa, int64_t n_vec8) {
   }
 }
 
-void build_panel(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix, uint64_t* panel,
-                 int32_t* cls) {
-  const int64_t R = p.R, rowstride = p.Wp * p.Kw, pstride = p.sw * p.Kw;
-  const int64_t plane = n * p.B * p.Hp * rowstride;
-  int64_t ow = pix0 % p.OW, t = pix0 / p.OW, oh = t % p.OH, b = t / p.OH;
-  // Runs of pixels within one output row: each panel row k is then a strided gather into contiguous
-  // panel entries.
-  for (int64_t i0 = 0; i0 < npix;) {
-    const int64_t run = std::min(npix - i0, p.OW - ow);
-    const int32_t rc = p.row_cls[oh] * static_cast<int32_t>(p.n_col_cls);
-    for (int64_t i = 0; i < run; ++i) cls[i0 + i] = rc + p.col_cls[ow + i];
-    const int64_t off = plane + (b * p.Hp + oh * p.sh) * rowstride + ow * pstride;
-    uint64_t* d = panel + i0;
-    for (int64_t kh = 0; kh < p.KH; ++kh) {
-      for (int64_t j = 0; j < p.NG * p.Kw; ++j, d += R) {
-        const uint64_t* src =
-            !p.fold_G ? p.act + off + kh * rowstride + j  // j = kw * Kw + word
-                      : (j + 1 < p.NG ? p.fold_full : p.fold_last) + off + kh * rowstride + j * p.fold_G;
-        if (pstride == 1) std::memcpy(d, src, sizeof(uint64_t) * run);
-        else for (int64_t i = 0; i < run; ++i) d[i] = src[i * pstride];
-      }
-    }
-    i0 += run;
-    ow += run;
-    if (ow == p.OW) {
-      ow = 0;
-      if (++oh == p.OH) oh = 0, ++b;
-    }
-  }
-  for (int64_t i = npix; i < R; ++i) {
-    cls[i] = 0;
-    for (int64_t k = 0; k < p.K; ++k) panel[k * R + i] = 0;
-  }
-}
-
-void conv_blocks_scalar(const ConvPlan& p, int64_t blk0, int64_t blk1) {
+void conv_blocks_scalar(const ConvPlan& p, int64_t pix_begin, int64_t pix_end) {
   const int64_t R = p.R;
-  std::vector<uint64_t> panel(p.K * R);
   std::vector<uint64_t> acc(p.MCp);
+  std::vector<int64_t> off(R);
   std::vector<int32_t> cls(R);
-  for (int64_t blk = blk0; blk < blk1; ++blk) {
-    const int64_t pix0 = blk * R, npix = std::min(R, p.P - pix0);
+  PixelCursor cursor(p, pix_begin);
+  for (int64_t pix0 = pix_begin; pix0 < pix_end; pix0 += R) {
+    const int64_t npix = std::min(R, pix_end - pix0);
+    cursor.next(npix, R, off.data(), cls.data());
     if (p.out) std::memset(p.out + pix0 * p.Co, 0, sizeof(float) * npix * p.Co);
     for (int64_t n = 0; n < p.N; ++n) {
-      build_panel(p, n, pix0, npix, panel.data(), cls.data());
+      const uint64_t* an = p.act + n * p.plane;
       const float* sc = p.scale + n * p.MCp;
       for (int64_t i = 0; i < npix; ++i) {
         std::fill(acc.begin(), acc.end(), 0);
         for (int64_t k = 0; k < p.K; ++k) {
-          const uint64_t a = panel[k * R + i];
+          const uint64_t a = an[off[i] + p.koff[k]];
           const uint64_t* wrow = p.wt + k * p.MCp;
           for (int64_t col = 0; col < p.MCp; ++col) acc[col] += popcount64(a ^ wrow[col]);
         }
@@ -205,23 +172,20 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   uint64_t* act = reinterpret_cast<uint64_t*>(buf);
   uint64_t* wt = reinterpret_cast<uint64_t*>(buf + act_bytes * (1 + n_fold));
 
-  // 1. Pack activations (all bases) into the zero-padded NHWC bit planes.
   PackJob j{x, B, C, H, W, channels_last, mode, v, N, act, ph, pw, p.Kw, p.Hp, p.Wp,
             n_fold, {full_taps, last_taps}, {act + act_words, act + 2 * act_words}};
-  if (p.fold_G) {
-    p.fold_full = act + act_words;
-    p.fold_last = last_taps == 1 ? act : n_fold == 2 ? act + 2 * act_words : p.fold_full;
+  // koff[k]: offset of GEMM row k from a pixel's first word, the folded plane included.
+  std::vector<int64_t> koff(p.K);
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    if (!p.fold_G) {
+      for (int64_t j = 0; j < KW * p.Kw; ++j) koff[kh * KW * p.Kw + j] = kh * p.Wp * p.Kw + j;
+      continue;
+    }
+    const int64_t last_plane = last_taps == 1 ? 0 : n_fold == 2 ? 2 * act_words : act_words;
+    for (int64_t g = 0; g < p.NG; ++g)
+      koff[kh * p.NG + g] = (g + 1 < p.NG ? act_words : last_plane) + kh * p.Wp + g * p.fold_G;
   }
-  const int64_t rows = B * p.Hp, row_work = std::max<int64_t>(1, N * C * W);
-  std::atomic<bool> x_has_nan{false};
-  parallel_for(rows, rows * row_work < (1 << 16) ? 1 : nt,
-               std::max<int64_t>(1, (1 << 14) / row_work), [&](int64_t r0, int64_t r1) {
-                 if (pack_rows(j, isa, r0, r1)) x_has_nan.store(true, std::memory_order_relaxed);
-               });
-  // NaN has no sign: the caller raises, so out / pairs are left unwritten.
-  if (x_has_nan.load(std::memory_order_relaxed)) return true;
-
-  // 2. Weights [M, Co, KH, KW, Kw] -> wt[k][m * Cop + co] (padded columns are zero words; folded
+  // 1. Weights [M, Co, KH, KW, Kw] -> wt[k][m * Cop + co] (padded columns are zero words; folded
   //    taps concatenated like the activations), and the per-tap popcounts for the padding correction.
   std::memset(wt, 0, wt_words * 8);
   std::vector<int32_t> tap_pc(M * p.Cop * KH * KW, 0);
@@ -264,27 +228,48 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   std::vector<int32_t> vec_m(p.MCp / 8), vec_co(p.MCp / 8);
   for (int64_t g = 0; g < p.MCp / 8; ++g) vec_m[g] = g * 8 / p.Cop, vec_co[g] = g * 8 % p.Cop;
 
-  p.act = act, p.wt = wt, p.base = base.data(), p.row_cls = row_cls.data();
+  p.act = act, p.plane = B * p.Hp * p.Wp * p.Kw, p.koff = koff.data(), p.wt = wt, p.base = base.data(), p.row_cls = row_cls.data();
   p.col_cls = col_cls.data(), p.n_col_cls = static_cast<int64_t>(col_classes.size());
   p.scale = scale.data(), p.vec_m = vec_m.data(), p.vec_co = vec_co.data();
   p.out = out, p.pairs = pairs;
   p.bias = bias, p.residual = residual, p.clamp_lo = clamp_lo, p.clamp_hi = clamp_hi;
   p.epilogue = out && (bias || residual || clamp_lo > -INFINITY || clamp_hi < INFINITY);
 
-  // 3. Binary GEMM over pixel blocks; each block owns its output rows (no races).
-  const int64_t nblk = ceil_div(p.P, p.R);
-  const double work = static_cast<double>(p.P) * N * p.K * p.MCp;  // word x column ops
-  const int gemm_threads = work < 2e5 ? 1 : nt;
-  const int64_t grain = std::max<int64_t>(1, nblk / (gemm_threads * 16));
-  parallel_for(nblk, gemm_threads, grain, [&](int64_t b0, int64_t b1) {
+  // 2. Pack the activations (all bases) into the zero-padded NHWC bit planes, then 3. the binary GEMM
+  //    over pixel blocks (each block owns its output rows: no races).
+  std::atomic<bool> x_has_nan{false};
+  const auto pack = [&](int64_t r0, int64_t r1) {
+    if (pack_rows(j, isa, r0, r1)) x_has_nan.store(true, std::memory_order_relaxed);
+  };
+  const auto gemm = [&](int64_t pix0, int64_t pix1) {
     switch (isa) {
 #if BK_X86
-      case Isa::Avx512: conv_blocks_avx512(p, b0, b1); break;
-      case Isa::Avx2: conv_blocks_avx2(p, b0, b1); break;
+      case Isa::Avx512: conv_blocks_avx512(p, pix0, pix1); break;
+      case Isa::Avx2: conv_blocks_avx2(p, pix0, pix1); break;
 #endif
-      default: conv_blocks_scalar(p, b0, b1); break;
+      default: conv_blocks_scalar(p, pix0, pix1); break;
     }
-  });
+  };
+  const double work = static_cast<double>(p.P) * N * p.K * p.MCp;  // word x column ops
+  const int64_t rows = B * p.Hp, row_work = std::max<int64_t>(1, N * C * W);
+  if (nt > 1 && B >= 8 * nt && work >= 2e5) {
+    // Enough images to share: one thread packs and convolves whole images, so an image's bit planes
+    // are still in its core's cache when the GEMM reads them, and there is one parallel pass.
+    const int64_t img_pix = p.OH * p.OW;
+    parallel_for(B, nt, 1, [&](int64_t b0, int64_t b1) {
+      pack(b0 * p.Hp, b1 * p.Hp);
+      gemm(b0 * img_pix, b1 * img_pix);
+    });
+    return x_has_nan.load(std::memory_order_relaxed);
+  }
+  parallel_for(rows, rows * row_work < (1 << 16) ? 1 : nt, std::max<int64_t>(1, (1 << 14) / row_work),
+               pack);
+  // NaN has no sign: the caller raises, so the GEMM is skipped.
+  if (x_has_nan.load(std::memory_order_relaxed)) return true;
+  const int64_t nblk = ceil_div(p.P, p.R);
+  const int gemm_threads = work < 2e5 ? 1 : nt;
+  parallel_for(nblk, gemm_threads, std::max<int64_t>(1, nblk / (gemm_threads * 16)),
+               [&](int64_t b0, int64_t b1) { gemm(b0 * p.R, std::min(b1 * p.R, p.P)); });
   return false;
 }
 

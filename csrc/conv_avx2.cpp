@@ -7,15 +7,14 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 namespace bk {
 namespace {
 
 constexpr int kR = 3, kNV = 2;
 
-BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix,
-                         const uint64_t* panel, const int32_t* cls, int64_t col0) {
+BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix, const int64_t* off,
+                         const int32_t* cls, int64_t col0) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1,
                                        2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   const __m256i low4 = _mm256_set1_epi8(0x0f);
@@ -24,18 +23,19 @@ BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npi
   for (int i = 0; i < kR; ++i)
     for (int v = 0; v < kNV; ++v) acc64[i][v] = zero;
   const uint64_t* w = p.wt + col0;
-  const uint64_t* a = panel;
+  const uint64_t* an = p.act + n * p.plane;
   for (int64_t k0 = 0; k0 < p.K; k0 += 31) {
     const int64_t k1 = std::min<int64_t>(p.K, k0 + 31);
     __m256i acc8[kR][kNV];
     for (int i = 0; i < kR; ++i)
       for (int v = 0; v < kNV; ++v) acc8[i][v] = zero;
-    for (int64_t k = k0; k < k1; ++k, w += p.MCp, a += kR) {
+    for (int64_t k = k0; k < k1; ++k, w += p.MCp) {
+      const uint64_t* ak = an + p.koff[k];
       const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
       const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + 4));
 #pragma GCC unroll 3
       for (int i = 0; i < kR; ++i) {
-        const __m256i av = _mm256_set1_epi64x(static_cast<long long>(a[i]));
+        const __m256i av = _mm256_set1_epi64x(static_cast<long long>(ak[off[i]]));
         const __m256i x0 = _mm256_xor_si256(av, w0), x1 = _mm256_xor_si256(av, w1);
         const __m256i c0 = _mm256_add_epi8(
             _mm256_shuffle_epi8(lut, _mm256_and_si256(x0, low4)),
@@ -77,18 +77,16 @@ BK_TARGET_AVX2 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npi
 
 }  // namespace
 
-BK_TARGET_AVX2 void conv_blocks_avx2(const ConvPlan& p, int64_t blk0, int64_t blk1) {
-  thread_local std::vector<uint64_t> panel_buf;
-  if (static_cast<int64_t>(panel_buf.size()) < p.K * kR) panel_buf.resize(p.K * kR);
-  uint64_t* panel = panel_buf.data();
+BK_TARGET_AVX2 void conv_blocks_avx2(const ConvPlan& p, int64_t pix_begin, int64_t pix_end) {
+  int64_t off[kR];
   int32_t cls[kR];
-  for (int64_t blk = blk0; blk < blk1; ++blk) {
-    const int64_t pix0 = blk * kR, npix = std::min<int64_t>(kR, p.P - pix0);
+  PixelCursor cursor(p, pix_begin);
+  for (int64_t pix0 = pix_begin; pix0 < pix_end; pix0 += kR) {
+    const int64_t npix = std::min<int64_t>(kR, pix_end - pix0);
+    cursor.next(npix, kR, off, cls);
     if (p.out) std::memset(p.out + pix0 * p.Co, 0, sizeof(float) * npix * p.Co);
-    for (int64_t n = 0; n < p.N; ++n) {
-      build_panel(p, n, pix0, npix, panel, cls);
-      for (int64_t col0 = 0; col0 < p.MCp; col0 += 8) tile(p, n, pix0, npix, panel, cls, col0);
-    }
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t col0 = 0; col0 < p.MCp; col0 += 8) tile(p, n, pix0, npix, off, cls, col0);
   }
 }
 

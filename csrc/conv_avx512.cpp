@@ -9,109 +9,141 @@
 
 // GCC 12 warns spuriously inside avx512fintrin.h (_mm512_cvtepi64_epi32 undefined source operand).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 namespace bk {
 namespace {
 
+// Epilogue of one segment: 8 or 16 consecutive columns of one weight base m (one or two zmm of 64-bit
+// counts, narrowed to int32 lanes) for one pixel. mask: the columns < Co.
+struct Segment {
+  int64_t col, co, m;
+  __mmask16 mask;
+  bool wide;         // 16 columns
+  bool first, last;  // first / last contribution to out (n == 0, m == 0 / epilogue, n == N-1, m == M-1)
+  int32_t* pairs;    // pairs + ((m * N + n) * P) * Co + co, or null
+  __m512 scale, bias;
+};
+
+BK_TARGET_AVX512 inline Segment segment(const ConvPlan& p, int64_t n, int64_t col, int64_t width) {
+  Segment s;
+  const int64_t g = col / 8;
+  s.col = col, s.co = p.vec_co[g], s.m = p.vec_m[g], s.wide = width == 16;
+  s.mask = static_cast<__mmask16>((1u << std::min<int64_t>(width, p.Co - s.co)) - 1);
+  s.first = n == 0 && s.m == 0;
+  s.last = p.epilogue && n == p.N - 1 && s.m == p.M - 1;
+  s.pairs = p.pairs ? p.pairs + (s.m * p.N + n) * p.P * p.Co + s.co : nullptr;
+  s.scale = p.out ? _mm512_maskz_loadu_ps(s.mask, p.scale + n * p.MCp + col) : _mm512_setzero_ps();
+  s.bias = s.last && p.bias ? _mm512_maskz_loadu_ps(s.mask, p.bias + s.co) : _mm512_setzero_ps();
+  return s;
+}
+
+BK_TARGET_AVX512 inline void store_segment(const ConvPlan& p, const Segment& s, __m512i pc,
+                                           int64_t pix, int32_t cls) {
+  // Unmasked (in bounds: a base row holds >= col + width entries); lanes past Co are never stored.
+  const int32_t* b = p.base + cls * p.MCp + s.col;
+  const __m512i base = s.wide ? _mm512_loadu_si512(b)
+                              : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  const __m512i dot = _mm512_sub_epi32(base, _mm512_add_epi32(pc, pc));
+  if (s.pairs) _mm512_mask_storeu_epi32(s.pairs + pix * p.Co, s.mask, dot);
+  if (!p.out) return;
+  float* o = p.out + pix * p.Co + s.co;
+  const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), s.scale);
+  __m512 y = s.first ? f : _mm512_add_ps(f, _mm512_maskz_loadu_ps(s.mask, o));
+  if (s.last) {
+    if (p.bias) y = _mm512_add_ps(y, s.bias);
+    if (p.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(s.mask, p.residual + pix * p.Co + s.co));
+    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(p.clamp_lo)), _mm512_set1_ps(p.clamp_hi));
+  }
+  _mm512_mask_storeu_ps(o, s.mask, y);
+}
+
 template <int R, int NV>
-BK_TARGET_AVX512 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix,
-                           const uint64_t* panel, const int32_t* cls, int64_t col0) {
+BK_TARGET_AVX512 void tile(const ConvPlan& p, int64_t n, int64_t pix0, int64_t npix, const int64_t* off,
+                           const int32_t* cls, int64_t col0) {
   __m512i acc[R][NV];
 #pragma GCC unroll 32
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_si512();
   const uint64_t* w = p.wt + col0;
-  const uint64_t* a = panel;
+  const uint64_t* an = p.act + n * p.plane;
   const int64_t MCp = p.MCp;
-  for (int64_t k = 0; k < p.K; ++k, w += MCp, a += R) {
+  for (int64_t k = 0; k < p.K; ++k, w += MCp) {
     __m512i wv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(w + 8 * v);
+    const uint64_t* ak = an + p.koff[k];
 #pragma GCC unroll 32
     for (int i = 0; i < R; ++i) {
-      const __m512i av = _mm512_set1_epi64(static_cast<long long>(a[i]));
+      const __m512i av = _mm512_set1_epi64(static_cast<long long>(ak[off[i]]));
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v)
         acc[i][v] = _mm512_add_epi64(acc[i][v], _mm512_popcnt_epi64(_mm512_xor_si512(av, wv[v])));
     }
   }
-  // Epilogue. Columns of one zmm belong to one weight base m (Cop is a multiple of 8). The first
+  // Epilogue in registers. Columns of one zmm belong to one weight base m (Cop is a multiple of 8); two
+  // zmm of the same m are narrowed together into one 16-lane int32 vector (one vpermt2d). The first
   // contribution to an output (n == 0, m == 0) stores, later ones accumulate: no zero-fill needed.
   // blocks() runs n ascending and column groups (m-major) ascending, so the last contribution is
   // n == N-1, m == M-1: it adds the bias, then the residual, and clamps (fused epilogue).
-  const int64_t Co = p.Co;
-  __mmask8 mask[NV];
-  int64_t co[NV], m[NV];
-  __m256 s[NV], bias[NV];
-  bool first[NV], last[NV];
-  const __m256 lo = _mm256_set1_ps(p.clamp_lo), hi = _mm256_set1_ps(p.clamp_hi);
+  constexpr int NS = (NV + 1) / 2;  // segments when the vectors pair up
+  bool paired = true;
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const int64_t col = col0 + 8 * v, g = col / 8;
-    co[v] = p.vec_co[g];
-    m[v] = p.vec_m[g];
-    mask[v] = static_cast<__mmask8>((1u << std::min<int64_t>(8, Co - co[v])) - 1);
-    s[v] = p.out ? _mm256_loadu_ps(p.scale + n * MCp + col) : _mm256_setzero_ps();
-    first[v] = n == 0 && m[v] == 0;
-    last[v] = p.epilogue && n == p.N - 1 && m[v] == p.M - 1;
-    bias[v] = last[v] && p.bias ? _mm256_maskz_loadu_ps(mask[v], p.bias + co[v]) : _mm256_setzero_ps();
+  for (int v = 0; v + 1 < NV; v += 2) paired &= p.vec_m[col0 / 8 + v] == p.vec_m[col0 / 8 + v + 1];
+  const __m512i narrow = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  if (paired) {
+    Segment seg[NS];
+#pragma GCC unroll 4
+    for (int s = 0; s < NS; ++s) seg[s] = segment(p, n, col0 + 16 * s, 2 * s + 1 < NV ? 16 : 8);
+#pragma GCC unroll 32
+    for (int i = 0; i < R; ++i) {
+      if (i >= npix) break;
+#pragma GCC unroll 4
+      for (int s = 0; s < NS; ++s) {
+        const int v1 = 2 * s + 1 < NV ? 2 * s + 1 : 2 * s;
+        store_segment(p, seg[s], _mm512_permutex2var_epi32(acc[i][2 * s], narrow, acc[i][v1]), pix0 + i, cls[i]);
+      }
+    }
+    return;
   }
+  Segment seg[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) seg[v] = segment(p, n, col0 + 8 * v, 8);
 #pragma GCC unroll 32
   for (int i = 0; i < R; ++i) {
     if (i >= npix) break;
-    const int64_t pix = pix0 + i;
-    const int32_t* base = p.base + cls[i] * MCp + col0;
-    float* orow = p.out ? p.out + pix * Co : nullptr;
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m256i pc = _mm512_cvtepi64_epi32(acc[i][v]);
-      const __m256i dot = _mm256_sub_epi32(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 8 * v)), _mm256_add_epi32(pc, pc));
-      if (p.pairs)
-        _mm256_mask_storeu_epi32(p.pairs + ((m[v] * p.N + n) * p.P + pix) * Co + co[v], mask[v], dot);
-      if (orow) {
-        float* o = orow + co[v];
-        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s[v]);
-        __m256 y = first[v] ? f : _mm256_add_ps(f, _mm256_maskz_loadu_ps(mask[v], o));
-        if (last[v]) {
-          if (p.bias) y = _mm256_add_ps(y, bias[v]);
-          if (p.residual) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(mask[v], p.residual + pix * Co + co[v]));
-          y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
-        }
-        _mm256_mask_storeu_ps(o, mask[v], y);
-      }
-    }
+    for (int v = 0; v < NV; ++v)
+      store_segment(p, seg[v], _mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[i][v])), pix0 + i, cls[i]);
   }
 }
 
 template <int R>
-BK_TARGET_AVX512 void blocks(const ConvPlan& p, int64_t blk0, int64_t blk1) {
+BK_TARGET_AVX512 void blocks(const ConvPlan& p, int64_t pix_begin, int64_t pix_end) {
   constexpr int NVMAX = 24 / R;  // 24 accumulators + NV weights + 1 broadcast <= 32 zmm
-  thread_local std::vector<uint64_t> panel_buf;
-  if (static_cast<int64_t>(panel_buf.size()) < p.K * R) panel_buf.resize(p.K * R);
-  uint64_t* panel = panel_buf.data();
+  int64_t off[R];
   int32_t cls[R];
   const int64_t nvec = p.MCp / 8;
-  for (int64_t blk = blk0; blk < blk1; ++blk) {
-    const int64_t pix0 = blk * R, npix = std::min<int64_t>(R, p.P - pix0);
+  PixelCursor cursor(p, pix_begin);
+  for (int64_t pix0 = pix_begin; pix0 < pix_end; pix0 += R) {
+    const int64_t npix = std::min<int64_t>(R, pix_end - pix0);
+    cursor.next(npix, R, off, cls);
     for (int64_t n = 0; n < p.N; ++n) {
-      build_panel(p, n, pix0, npix, panel, cls);
       int64_t g = 0;
-      for (; g + NVMAX <= nvec; g += NVMAX) tile<R, NVMAX>(p, n, pix0, npix, panel, cls, g * 8);
+      for (; g + NVMAX <= nvec; g += NVMAX) tile<R, NVMAX>(p, n, pix0, npix, off, cls, g * 8);
       const int64_t rest = nvec - g;
       if constexpr (NVMAX >= 2) {
-        if (rest == 1) tile<R, 1>(p, n, pix0, npix, panel, cls, g * 8);
+        if (rest == 1) tile<R, 1>(p, n, pix0, npix, off, cls, g * 8);
       }
       if constexpr (NVMAX >= 3) {
-        if (rest == 2) tile<R, 2>(p, n, pix0, npix, panel, cls, g * 8);
+        if (rest == 2) tile<R, 2>(p, n, pix0, npix, off, cls, g * 8);
       }
       if constexpr (NVMAX >= 4) {
-        if (rest == 3) tile<R, 3>(p, n, pix0, npix, panel, cls, g * 8);
+        if (rest == 3) tile<R, 3>(p, n, pix0, npix, off, cls, g * 8);
       }
     }
   }
@@ -119,12 +151,12 @@ BK_TARGET_AVX512 void blocks(const ConvPlan& p, int64_t blk0, int64_t blk1) {
 
 }  // namespace
 
-void conv_blocks_avx512(const ConvPlan& p, int64_t blk0, int64_t blk1) {
+void conv_blocks_avx512(const ConvPlan& p, int64_t pix_begin, int64_t pix_end) {
   switch (p.R) {
-    case 6: blocks<6>(p, blk0, blk1); break;
-    case 8: blocks<8>(p, blk0, blk1); break;
-    case 12: blocks<12>(p, blk0, blk1); break;
-    default: blocks<24>(p, blk0, blk1); break;
+    case 6: blocks<6>(p, pix_begin, pix_end); break;
+    case 8: blocks<8>(p, pix_begin, pix_end); break;
+    case 12: blocks<12>(p, pix_begin, pix_end); break;
+    default: blocks<24>(p, pix_begin, pix_end); break;
   }
 }
 

@@ -61,6 +61,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("pairs_ptr"), py::arg("isa"), py::arg("threads"),
       "multi-base binary conv: out float32 [B,OH,OW,Co] (may be 0) = clamp((sum + bias) + residual, "
       "lo, hi) (bias_ptr / residual_ptr [B,OH,OW,Co] may be 0, clamp bounds +-inf for none) and/or pairs int32 [M,N,B,OH,OW,Co] (may "
-      "be 0); returns True when x holds a NaN (then out / pairs are not written); see "
+      "be 0); returns True when x holds a NaN (then out / pairs hold no result); see "
       "docs/cpu_kernels.md");
 }

@@ -111,6 +111,16 @@ def test_large_parallel_shape(isa, threads):
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * float(scale))
 
 
+def test_batch_shared_between_threads(isa, threads):
+    """Batches of >= 8 images per thread take the fused path: each thread packs and convolves whole
+    images (an odd batch, so the split is uneven)."""
+    case = dict(B=17, C=20, H=9, W=11, Co=37, kernel=(3, 3), stride=(1, 1), padding=(1, 1), M=2, N=2,
+                hv=True, per_channel=True, channels_last=True)
+    out, pairs, ref_out, ref_pairs, scale = run_case(case, seed=5)
+    assert torch.equal(pairs.double(), ref_pairs)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * float(scale))
+
+
 def test_against_python_ref(isa):
     """Cross-check with the numpy loop reference (python_ref) on one multi-base case."""
     gen = torch.Generator().manual_seed(7)
@@ -235,11 +245,12 @@ def test_nan_in_x_raises(isa, channels):
                 assert str(info.value) == NAN_MESSAGE.format(shape), (name, (b, c, h, w), channels_last)
 
 
-def test_nan_in_x_raises_multithreaded(isa, threads):
-    shape = (4, 130, 19, 19)  # large enough for the packing step to use the thread pool
+@pytest.mark.parametrize("shape", [(4, 130, 19, 19), (17, 130, 6, 19)], ids=["pack-then-gemm", "per-image"])
+def test_nan_in_x_raises_multithreaded(isa, threads, shape):
+    # Large enough for the packing step to use the thread pool; 17 images take the fused per-image path.
     for channels_last in (False, True):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        x[3, 129, 18, 18] = float("nan")
+        x[shape[0] - 1, 129, shape[2] - 1, 18] = float("nan")
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for call in nan_calls(x).values():
