@@ -156,7 +156,8 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   const int nt = resolve_threads(threads);
 
   // Scratch: activation planes, transposed weights, tables (one allocation).
-  const int64_t act_words = N * B * p.Hp * p.Wp * p.Kw;
+  p.plane = B * p.Hp * p.Wp * p.Kw;
+  const int64_t act_words = N * p.plane;
   const int64_t wt_words = p.K * p.MCp;
   std::vector<int32_t> row_cls, col_cls;
   const auto row_classes = tap_classes(p.OH, sh, ph, KH, H, row_cls);
@@ -228,7 +229,7 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   std::vector<int32_t> vec_m(p.MCp / 8), vec_co(p.MCp / 8);
   for (int64_t g = 0; g < p.MCp / 8; ++g) vec_m[g] = g * 8 / p.Cop, vec_co[g] = g * 8 % p.Cop;
 
-  p.act = act, p.plane = B * p.Hp * p.Wp * p.Kw, p.koff = koff.data(), p.wt = wt, p.base = base.data(), p.row_cls = row_cls.data();
+  p.act = act, p.koff = koff.data(), p.wt = wt, p.base = base.data(), p.row_cls = row_cls.data();
   p.col_cls = col_cls.data(), p.n_col_cls = static_cast<int64_t>(col_classes.size());
   p.scale = scale.data(), p.vec_m = vec_m.data(), p.vec_co = vec_co.data();
   p.out = out, p.pairs = pairs;

@@ -12,7 +12,6 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <algorithm>
-#include <cstring>
 
 namespace bk {
 namespace {
