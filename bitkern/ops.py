@@ -104,6 +104,28 @@ def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padd
     return out.contiguous(memory_format=torch.channels_last)
 
 
+def _plain_eager(args, differentiable: bool) -> bool:
+    """True when calling an op through the dispatcher would only route to its Python implementation:
+    eager (no torch.compile, dispatch or torch-function mode, functorch transform or profiler), plain
+    tensors, and, for a differentiable op, no input that needs a gradient."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.profiler._is_profiler_enabled):
+        return False
+    grad = differentiable and torch.is_grad_enabled()
+    return all(type(a) is Tensor and not (grad and a.requires_grad)
+               for a in args if isinstance(a, Tensor))
+
+
+def _call(op, *args, differentiable: bool = True):
+    """op(*args); in plain eager mode its implementation is called directly (the dispatcher's Python
+    custom-op path costs ~50 us per call, as much as a small conv)."""
+    if _plain_eager(args, differentiable):
+        return op._init_fn(*args)
+    return op(*args)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the ops
 
@@ -360,8 +382,8 @@ def pack_signs(x: Tensor) -> Tensor:
         raise ValueError(f"x: expected a 2-d [rows, C] or 4-d [B, C, H, W] tensor, got {_checks.describe(x)}")
     _check_no_nan("x", x)
     if x.dim() == 2:
-        return _pack_signs(x[:, :, None, None]).flatten(1)
-    return _pack_signs(x)
+        return _call(_pack_signs, x[:, :, None, None], differentiable=False).flatten(1)
+    return _call(_pack_signs, x, differentiable=False)
 
 
 def binary_conv2d(x: Tensor, w: Tensor, stride=1, padding=0) -> Tensor:
@@ -375,7 +397,7 @@ def binary_conv2d(x: Tensor, w: Tensor, stride=1, padding=0) -> Tensor:
     _check_input(x, w.shape[1], w.shape[2:], stride, padding, f"w of shape {tuple(w.shape)}")
     _check_same_device(x, w=w)
     _check_no_nan("w", w)
-    return _binary_conv2d(x, w, list(stride), list(padding))
+    return _call(_binary_conv2d, x, w, list(stride), list(padding), differentiable=False)
 
 
 def mbn_conv2d(x: Tensor, w_bases: Tensor, alpha: Tensor, v: Tensor | None = None,
@@ -399,7 +421,7 @@ def mbn_conv2d(x: Tensor, w_bases: Tensor, alpha: Tensor, v: Tensor | None = Non
     _check_alpha(alpha, num_bases, out_channels)
     beta = _check_activation_args(x, v, beta)
     _check_same_device(x, w_bases=w_bases, alpha=alpha, v=v, beta=beta)
-    return _mbn_conv2d(x, w_bases, alpha, v, beta, list(stride), list(padding))
+    return _call(_mbn_conv2d, x, w_bases, alpha, v, beta, list(stride), list(padding))
 
 
 def _check_bias(bias, out_channels):
@@ -464,8 +486,6 @@ def mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size
     out_size = _out_size(x, kernel_size, stride, padding)
     _check_residual(residual, (x.shape[0], w_packed.shape[1], *out_size))
     _check_same_device(x, w_packed=w_packed, alpha=alpha, v=v, beta=beta, bias=bias, residual=residual)
-    if residual is None:
-        return _mbn_conv2d_packed(x, w_packed, in_channels, list(kernel_size), alpha, v, beta,
-                                  list(stride), list(padding), bias, clamp)
-    return _mbn_conv2d_packed(x, w_packed, in_channels, list(kernel_size), alpha, v, beta, list(stride),
-                              list(padding), bias, clamp, residual)
+    args = (x, w_packed, in_channels, list(kernel_size), alpha, v, beta, list(stride), list(padding), bias,
+            clamp)
+    return _call(_mbn_conv2d_packed, *args, *(() if residual is None else (residual,)))

@@ -6,9 +6,11 @@ loaded, `backend.available` is False and `backend.reason` says why.
 
 ISA: env BITKERN_ISA=avx512|avx2|scalar (read at every call) or set_isa(name); default the best one.
 Threads: env BITKERN_NUM_THREADS (read at every call), else torch.get_num_threads().
+Outputs of 256 KiB and more come from the engine's retaining pool (see `output_pool_limit`).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -53,7 +55,7 @@ def current_isa() -> str:
     env = os.environ.get("BITKERN_ISA")
     if env:
         return _validate_isa(env.strip().lower(), "BITKERN_ISA")
-    return backend.isa_supported()[0]
+    return backend._isas[0] if backend._isas else backend.isa_supported()[0]
 
 
 def num_threads() -> int:
@@ -68,6 +70,36 @@ def num_threads() -> int:
             raise ValueError(f"BITKERN_NUM_THREADS: expected a positive integer, got {env!r}")
         return n
     return max(1, torch.get_num_threads())
+
+
+# Output pool: large outputs are blocks the engine keeps mapped between calls (handed over by DLPack),
+# so writing them takes no page faults. Small ones come from torch (nothing to gain).
+_POOL_MIN_BYTES = 1 << 18
+_DLPACK_DTYPES = {torch.int32: (0, 32), torch.int64: (0, 64), torch.float32: (2, 32)}  # DLPack (code, bits)
+
+
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor; from the output pool when large."""
+    numel = math.prod(shape)
+    code, bits = _DLPACK_DTYPES[dtype]
+    if numel * bits // 8 < _POOL_MIN_BYTES or _C.pool_limit() == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_dlpack(_C.pooled_empty(numel, code, bits)).view(shape)
+
+
+def output_pool_limit(megabytes: float | None = None) -> float:
+    """The output pool's cap on cached free memory, in MiB; with an argument, set it first.
+
+    Large outputs of this backend come from blocks that stay mapped after their tensors die and are
+    reused for the next output of the same size (a fresh allocation of that size is a fresh mmap whose
+    every page faults on first write: about as long as the binary conv itself on CIFAR shapes). 0
+    disables the pool and frees what it holds. Default 512, or env BITKERN_OUTPUT_POOL_MB at import."""
+    backend._require()
+    if megabytes is not None:
+        if not megabytes >= 0:
+            raise ValueError(f"megabytes: expected a number >= 0, got {megabytes!r}")
+        _C.pool_set_limit(int(megabytes * (1 << 20)))
+    return _C.pool_limit() / (1 << 20)
 
 
 def _check_cpu_tensor(name: str, t, dtype: torch.dtype, ndim: int) -> torch.Tensor:
@@ -118,6 +150,7 @@ class CppBackend:
     def __init__(self):
         self.available = _C is not None
         self.reason = _IMPORT_ERROR
+        self._isas = tuple(_C.isa_supported()) if _C is not None else ()  # the CPU does not change
 
     def supports(self, device) -> bool:
         return torch.device(device).type == "cpu"
@@ -125,7 +158,7 @@ class CppBackend:
     def isa_supported(self) -> list[str]:
         """ISA paths usable here, best first (subset of ["avx512", "avx2", "scalar"])."""
         self._require()
-        return list(_C.isa_supported())
+        return list(self._isas)
 
     def _require(self):
         if not self.available:
@@ -148,7 +181,7 @@ class CppBackend:
         given = x
         x, channels_last = _activation_layout(x)
         batch, channels, height, width = x.shape
-        out = torch.empty((batch, height, width, -(-channels // 64)), dtype=torch.int64)
+        out = _empty((batch, height, width, -(-channels // 64)), torch.int64)
         if out.numel() and _C.pack_signs(x.data_ptr(), batch, channels, height, width, channels_last,
                                          _MODES[mode], float(v), out.data_ptr(), current_isa(),
                                          num_threads()):
@@ -183,8 +216,7 @@ class CppBackend:
             raise ValueError(f"kernel {kh}x{kw} is larger than the padded input ({height}+2*{ph})x"
                              f"({width}+2*{pw}) of x with shape {tuple(x.shape)}")
         if v is None:
-            mode, num_a = 0, 1
-            v = torch.zeros(1, dtype=torch.float32)
+            mode, num_a = 0, 1  # the kernel reads no v
         else:
             mode = 1
             v = _check_cpu_tensor("v", v, torch.float32, 1).contiguous()
@@ -192,9 +224,10 @@ class CppBackend:
             if num_a < 1:
                 raise ValueError("v: expected at least one activation shift, got an empty tensor")
         if beta is None:
-            beta = torch.ones(num_a, dtype=torch.float32)
-        beta = _check_cpu_tensor("beta", beta, torch.float32, 1).contiguous()
-        if beta.numel() != num_a:
+            beta = torch.ones(num_a, dtype=torch.float32) if alpha2d is not None else None  # read with out only
+        else:
+            beta = _check_cpu_tensor("beta", beta, torch.float32, 1).contiguous()
+        if beta is not None and beta.numel() != num_a:
             raise ValueError(f"beta: expected {num_a} entries (one per activation base), "
                              f"got shape {tuple(beta.shape)}")
         if alpha2d is not None:
@@ -219,15 +252,15 @@ class CppBackend:
         w_packed = w_packed.contiguous()
         out = pairs = None
         if alpha2d is not None:
-            out = torch.empty((batch, oh, ow, out_ch), dtype=torch.float32).permute(0, 3, 1, 2)
+            out = _empty((batch, oh, ow, out_ch), torch.float32).permute(0, 3, 1, 2)
         if want_pairs:
-            pairs = torch.empty((num_w, num_a, batch, oh, ow, out_ch), dtype=torch.int32).permute(
+            pairs = _empty((num_w, num_a, batch, oh, ow, out_ch), torch.int32).permute(
                 0, 1, 2, 5, 3, 4)
         if batch * out_ch * oh * ow and (out is not None or pairs is not None):
             x_has_nan = _C.mbn_conv2d(
                 x.data_ptr(), batch, channels, height, width, channels_last, w_packed.data_ptr(),
-                num_w, out_ch, kh, kw, mode, v.data_ptr(), num_a, sh, sw, ph, pw,
-                alpha2d.data_ptr() if alpha2d is not None else 0, beta.data_ptr(),
+                num_w, out_ch, kh, kw, mode, v.data_ptr() if v is not None else 0, num_a, sh, sw, ph, pw,
+                alpha2d.data_ptr() if alpha2d is not None else 0, beta.data_ptr() if beta is not None else 0,
                 bias.data_ptr() if bias is not None else 0,
                 residual.data_ptr() if residual is not None and alpha2d is not None else 0,
                 clamp_lo, clamp_hi,
@@ -250,3 +283,19 @@ class CppBackend:
 
 
 backend = CppBackend()
+
+
+def _pool_limit_from_env() -> None:
+    env = os.environ.get("BITKERN_OUTPUT_POOL_MB")
+    if not env or _C is None:
+        return
+    try:
+        megabytes = float(env)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:
+        raise ValueError(f"BITKERN_OUTPUT_POOL_MB: expected a number of MiB >= 0, got {env!r}")
+    output_pool_limit(megabytes)
+
+
+_pool_limit_from_env()
