@@ -49,11 +49,18 @@ struct PackJob {
   int fold_count;
   int64_t fold_taps[2];
   uint64_t* fold_dst[2];
+  // Small-channel engine (C <= 32, AVX-512): dst holds one 2- or 4-byte element per pixel instead of Kw
+  // words (bit c = channel c), no folding. 8: the word layout above.
+  int elem_bytes = 8;
 };
 
 // Packs padded rows [r0, r1) of the flattened (b, hp) row index space, all N bases. Returns true when
 // one of the x values read (base 0) is NaN.
 bool pack_rows(const PackJob& job, Isa isa, int64_t r0, int64_t r1);
+#if BK_X86
+// The same for job.elem_bytes 2 or 4 (small-channel engine; AVX-512 only).
+bool pack_rows_small_avx512(const PackJob& job, int64_t r0, int64_t r1);
+#endif
 
 // Everything the binary GEMM needs; built once per call by conv.cpp.
 struct ConvPlan {
@@ -61,7 +68,7 @@ struct ConvPlan {
   int64_t M, Co, Cop, MCp;  // Cop = Co rounded up to 8; MCp = M * Cop GEMM columns
   int64_t KH, KW, sh, sw, ph, pw, OH, OW, P;  // P = B * OH * OW output pixels
   int64_t N, K;  // K = KH * KW * Kw words per output pixel
-  int64_t R;  // pixels per register block
+  int64_t R;  // pixels (small-channel engine: units) per register block
   // Tap folding for C <= 32 (Kw == 1): G kernel columns share one word (tap u at bits u*C..), so a
   // kernel row takes NG = ceil(KW / G) words instead of KW (folded planes and weights built that way).
   // fold_G == 0: no folding (NG == KW).
@@ -80,6 +87,14 @@ struct ConvPlan {
   const float* scale;     // [N][MCp] alpha[m, co] * beta[n], 0 on padded columns
   const int32_t* vec_m;   // [MCp / 8] weight base of each 8-column group
   const int32_t* vec_co;  // [MCp / 8] first output channel of each 8-column group
+  // Small-channel engine (lane 16 or 32; 0: the word engine). Activations are elements of lane bits per
+  // pixel (act as bytes, plane and koff in elements); wt is uint32 [K][MCp] (lane 16: the tap's 16 bits
+  // twice), Cop is a multiple of 16. Lane 32: a unit is one output pixel and each K step broadcasts its
+  // 32-bit element against 16 columns (vpopcntd). Lane 16 (stride 1 along W): a unit is two adjacent
+  // output pixels of a row, whose taps are adjacent 16-bit elements, so one 32-bit broadcast serves both
+  // (vpopcntw: low half pixel 0, high half pixel 1). UW units per output row.
+  int lane;
+  int64_t UW;
   // Fused epilogue, applied once per output element on its last contribution (n == N-1, m == M-1):
   // out = min(max((out + bias[co]) + residual[pix, co], clamp_lo), clamp_hi) (that rounding order).
   // Skipped entirely when epilogue is false.
@@ -139,7 +154,18 @@ void conv_blocks_avx2(const ConvPlan& p, int64_t pix_begin, int64_t pix_end);
 void conv_blocks_avx512(const ConvPlan& p, int64_t pix_begin, int64_t pix_end);
 #endif
 
-// Register block height (pixels) per ISA for a given number of 8-column groups.
-int64_t block_rows(Isa isa, int64_t n_vec8);
+// Register block height (pixels) of the word engines per ISA for a given number of column vectors.
+int64_t block_rows(Isa isa, int64_t n_vec);
+// Units per register block of the lane engines (4, 8, 12, 16 or 24) for UW units per output row and
+// n_vec 16-column vectors.
+int64_t small_block_units(int64_t UW, int64_t n_vec);
+
+#if BK_X86
+// Small-channel engine: units [u_begin, u_end) (see ConvPlan::lane), all n and columns.
+void conv_small16_avx512(const ConvPlan& p, int64_t u_begin, int64_t u_end);
+void conv_small32_avx512(const ConvPlan& p, int64_t u_begin, int64_t u_end);
+#endif
+// AVX512_BITALG (vpopcntw), needed by the lane-16 engine.
+bool cpu_has_bitalg();
 
 }  // namespace bk

@@ -13,6 +13,7 @@ namespace {
 struct Features {
   bool avx2 = false;
   bool avx512 = false;  // AVX512F + BW + DQ + VL + VPOPCNTDQ with ZMM state enabled by the OS
+  bool bitalg = false;  // and AVX512_BITALG
 };
 
 #if BK_X86
@@ -34,9 +35,11 @@ Features detect() {
   const bool zmm_state = (xcr0 & 0xE6) == 0xE6;  // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
-             avx512bw = b & (1u << 30), avx512vl = b & (1u << 31), vpopcntdq = c & (1u << 14);
+             avx512bw = b & (1u << 30), avx512vl = b & (1u << 31), vpopcntdq = c & (1u << 14),
+             bitalg = c & (1u << 12);
   f.avx2 = ymm_state && avx2 && fma && popcnt;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl && vpopcntdq;
+  f.bitalg = f.avx512 && bitalg;
   return f;
 }
 #else
@@ -57,6 +60,8 @@ bool cpu_supports(Isa isa) {
     default: return true;
   }
 }
+
+bool cpu_has_bitalg() { return features().bitalg; }
 
 std::vector<std::string> isa_supported() {
   std::vector<std::string> out;

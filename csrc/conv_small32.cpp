@@ -1,0 +1,12 @@
+// Small-channel engine, 32-bit lanes (C <= 32): see conv_small_avx512.h.
+#include "bk_common.h"
+
+#if BK_X86
+#define BK_SMALL_LANE 32
+#define BK_SMALL_TARGET BK_TARGET_AVX512
+#include "conv_small_avx512.h"
+
+namespace bk {
+void conv_small32_avx512(const ConvPlan& p, int64_t u_begin, int64_t u_end) { small_engine(p, u_begin, u_end); }
+}  // namespace bk
+#endif

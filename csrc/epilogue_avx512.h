@@ -1,0 +1,59 @@
+// AVX-512 epilogue shared by the word engine (conv_avx512.cpp) and the small-channel engine
+// (conv_small_avx512.h): padding correction, exact per-pair values, alpha*beta scaling, channels_last
+// accumulation and the fused bias / residual / clamp, for 8 or 16 columns of one pixel in registers.
+// Include only from translation units compiled for x86 (the functions carry the AVX-512 target).
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "bk_common.h"
+
+namespace bk {
+
+// Epilogue of one segment: 8 or 16 consecutive columns of one weight base m for one pixel, as int32
+// popcounts (the word engine narrows one or two zmm of 64-bit counts; the small-channel engine's counts
+// are 32-bit lanes, or 16-bit lanes split per pixel). mask: the columns < Co.
+struct Segment {
+  int64_t col, co, m;
+  __mmask16 mask;
+  bool wide;         // 16 columns
+  bool first, last;  // first / last contribution to out (n == 0, m == 0 / epilogue, n == N-1, m == M-1)
+  int32_t* pairs;    // pairs + ((m * N + n) * P) * Co + co, or null
+  __m512 scale, bias;
+};
+
+BK_TARGET_AVX512 inline Segment segment(const ConvPlan& p, int64_t n, int64_t col, int64_t width) {
+  Segment s;
+  const int64_t g = col / 8;
+  s.col = col, s.co = p.vec_co[g], s.m = p.vec_m[g], s.wide = width == 16;
+  s.mask = static_cast<__mmask16>((1u << std::min<int64_t>(width, p.Co - s.co)) - 1);
+  s.first = n == 0 && s.m == 0;
+  s.last = p.epilogue && n == p.N - 1 && s.m == p.M - 1;
+  s.pairs = p.pairs ? p.pairs + (s.m * p.N + n) * p.P * p.Co + s.co : nullptr;
+  s.scale = p.out ? _mm512_maskz_loadu_ps(s.mask, p.scale + n * p.MCp + col) : _mm512_setzero_ps();
+  s.bias = s.last && p.bias ? _mm512_maskz_loadu_ps(s.mask, p.bias + s.co) : _mm512_setzero_ps();
+  return s;
+}
+
+BK_TARGET_AVX512 inline void store_segment(const ConvPlan& p, const Segment& s, __m512i pc,
+                                           int64_t pix, int32_t cls) {
+  // Unmasked (in bounds: a base row holds >= col + width entries); lanes past Co are never stored.
+  const int32_t* b = p.base + cls * p.MCp + s.col;
+  const __m512i base = s.wide ? _mm512_loadu_si512(b)
+                              : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  const __m512i dot = _mm512_sub_epi32(base, _mm512_add_epi32(pc, pc));
+  if (s.pairs) _mm512_mask_storeu_epi32(s.pairs + pix * p.Co, s.mask, dot);
+  if (!p.out) return;
+  float* o = p.out + pix * p.Co + s.co;
+  const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), s.scale);
+  __m512 y = s.first ? f : _mm512_add_ps(f, _mm512_maskz_loadu_ps(s.mask, o));
+  if (s.last) {
+    if (p.bias) y = _mm512_add_ps(y, s.bias);
+    if (p.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(s.mask, p.residual + pix * p.Co + s.co));
+    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(p.clamp_lo)), _mm512_set1_ps(p.clamp_hi));
+  }
+  _mm512_mask_storeu_ps(o, s.mask, y);
+}
+
+}  // namespace bk
