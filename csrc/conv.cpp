@@ -138,6 +138,11 @@ void conv_blocks_scalar(const ConvPlan& p, int64_t pix_begin, int64_t pix_end) {
   }
 }
 
+std::string conv_engine(const std::string& isa_name, int64_t C, int64_t KH, int64_t KW, int64_t sw) {
+  const int lane = conv_lane(parse_isa(isa_name), C, KH, KW, sw);
+  return lane == 16 ? "lane16" : lane == 32 ? "lane32" : "word";
+}
+
 bool run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     int mode, float v, uint64_t* out, const std::string& isa_name, int threads) {
   const Isa isa = parse_isa(isa_name);

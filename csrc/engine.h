@@ -21,6 +21,10 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
                     const float* alpha, const float* beta, const float* bias, const float* residual, float clamp_lo,
                     float clamp_hi, float* out, int32_t* pairs, const std::string& isa, int threads);
 
+// The engine a conv with these parameters runs on: "lane16", "lane32" (small-channel engines, AVX-512)
+// or "word" (see docs/cpu_kernels.md).
+std::string conv_engine(const std::string& isa, int64_t C, int64_t KH, int64_t KW, int64_t sw);
+
 // True when the float32 buffer x[0..n) holds a NaN (one vectorized, multi-threaded pass).
 bool run_has_nan(const float* x, int64_t n, const std::string& isa, int threads);
 

@@ -128,6 +128,8 @@ PYBIND11_MODULE(_C, m) {
       "lo, hi) (bias_ptr / residual_ptr [B,OH,OW,Co] may be 0, clamp bounds +-inf for none) and/or "
       "pairs int32 [M,N,B,OH,OW,Co] (may be 0); returns True when x holds a NaN (then out / pairs hold "
       "no result); see docs/cpu_kernels.md");
+  m.def("conv_engine", &bk::conv_engine, py::arg("isa"), py::arg("C"), py::arg("KH"), py::arg("KW"),
+        py::arg("sw"), "which engine runs such a conv: 'lane16', 'lane32' or 'word'");
   m.def("pooled_empty", &pooled_capsule, py::arg("numel"), py::arg("code"), py::arg("bits"),
         "DLPack capsule over an uninitialized 1-d CPU buffer from the output pool (code: DLPack type "
         "code, 0 int / 2 float; bits: 32 or 64); torch.from_dlpack takes it");

@@ -11,28 +11,30 @@
 namespace bk {
 namespace {
 
-BK_TARGET_AVX512 inline __mmask16 bits16(__m512 x, int mode, __m512 v) {
-  if (mode == kModeSign) return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+template <int kMode>
+BK_TARGET_AVX512 inline __mmask16 bits16(__m512 x, __m512 v) {
+  if (kMode == kModeSign) return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
   return _mm512_cmp_ps_mask(_mm512_add_ps(x, v), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
 }
 
 // One image row (b, h) of base n into row (the padded row's first element).
-template <bool kNan, typename T>
+template <bool kNan, int kMode, typename T>
 BK_TARGET_AVX512 bool pack_row(const PackJob& j, int64_t n, int64_t b, int64_t h, T* row) {
-  const __m512 v = _mm512_set1_ps(j.mode == kModeHv ? j.v[n] : 0.0f);
+  const __m512 v = _mm512_set1_ps(kMode == kModeHv ? j.v[n] : 0.0f);
+  const int64_t C = j.C, W = j.W;  // locals: the stores below may alias j (-fno-strict-aliasing)
   T* out = row + j.pw;
   __mmask16 nan = 0;
   if (j.channels_last) {  // a pixel's C <= 32 floats are contiguous: one or two compares
-    const __mmask16 m0 = j.C >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << j.C) - 1);
-    const __mmask16 m1 = j.C <= 16 ? 0 : static_cast<__mmask16>((1ull << (j.C - 16)) - 1);
-    const float* px = j.x + (b * j.H + h) * j.W * j.C;
-    for (int64_t w = 0; w < j.W; ++w, px += j.C) {
+    const __mmask16 m0 = C >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << C) - 1);
+    const __mmask16 m1 = C <= 16 ? 0 : static_cast<__mmask16>((1ull << (C - 16)) - 1);
+    const float* px = j.x + (b * j.H + h) * W * C;
+    for (int64_t w = 0; w < W; ++w, px += C) {
       const __m512 x0 = _mm512_maskz_loadu_ps(m0, px);
-      uint32_t word = bits16(x0, j.mode, v) & m0;
+      uint32_t word = bits16<kMode>(x0, v) & m0;
       if (kNan) nan |= _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q);
       if (m1) {
         const __m512 x1 = _mm512_maskz_loadu_ps(m1, px + 16);
-        word |= static_cast<uint32_t>(bits16(x1, j.mode, v) & m1) << 16;
+        word |= static_cast<uint32_t>(bits16<kMode>(x1, v) & m1) << 16;
         if (kNan) nan |= _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q);
       }
       out[w] = static_cast<T>(word);
@@ -40,17 +42,17 @@ BK_TARGET_AVX512 bool pack_row(const PackJob& j, int64_t n, int64_t b, int64_t h
     return nan != 0;
   }
   // NCHW: 16 pixels at a time; channel c's compare mask sets bit c of the 16 pixel lanes.
-  const int64_t HW = j.H * j.W;
-  const float* xb = j.x + b * j.C * HW + h * j.W;
-  for (int64_t w0 = 0; w0 < j.W; w0 += 16) {
-    const int64_t nw = std::min<int64_t>(16, j.W - w0);
+  const int64_t HW = j.H * W;
+  const float* xb = j.x + b * C * HW + h * W;
+  for (int64_t w0 = 0; w0 < W; w0 += 16) {
+    const int64_t nw = std::min<int64_t>(16, W - w0);
     const __mmask16 wm = nw == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nw) - 1);
     __m512i acc = _mm512_setzero_si512(), bit = _mm512_set1_epi32(1);
     const float* xc = xb + w0;
-    for (int64_t c = 0; c < j.C; ++c, xc += HW) {
+    for (int64_t c = 0; c < C; ++c, xc += HW) {
       const __m512 x = _mm512_maskz_loadu_ps(wm, xc);
       if (kNan) nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-      acc = _mm512_mask_or_epi32(acc, bits16(x, j.mode, v), acc, bit);
+      acc = _mm512_mask_or_epi32(acc, bits16<kMode>(x, v), acc, bit);
       bit = _mm512_add_epi32(bit, bit);
     }
     if constexpr (sizeof(T) == 2)
@@ -74,7 +76,10 @@ BK_TARGET_AVX512 bool pack_rows_t(const PackJob& j, int64_t r0, int64_t r1) {
       }
       std::memset(row, 0, sizeof(T) * j.pw);
       std::memset(row + j.pw + j.W, 0, sizeof(T) * j.pw);
-      nan |= n == 0 ? pack_row<true>(j, n, b, h, row) : pack_row<false>(j, n, b, h, row);
+      if (j.mode == kModeSign)  // one base
+        nan |= pack_row<true, kModeSign>(j, n, b, h, row);
+      else
+        nan |= n == 0 ? pack_row<true, kModeHv>(j, n, b, h, row) : pack_row<false, kModeHv>(j, n, b, h, row);
     }
   }
   return nan;

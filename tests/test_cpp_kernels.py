@@ -102,6 +102,52 @@ def test_mbn_conv2d_matches_reference(isa, threads, case):
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * float(scale))
 
 
+# Cases for each kernel family (backend.engine): on AVX-512 the small-channel engines take C <= 32 where
+# they need fewer popcount steps (lane16: C <= 16 and stride 1 along W, pixel pairs, so odd output widths
+# leave a lone last pixel; lane32: 32-bit lanes, dense or strided units), the word engine the
+# rest. Blocks of up to 24 units, several column groups (M * Co > 64), N > 1, the fused per-image path
+# (B >= 16 with 2 threads), channels_last input, 1x1 and 7x7 kernels.
+ENGINE_CASES = {
+    "lane16": [
+        dict(B=2, C=16, H=7, W=9, Co=16, kernel=(3, 3), stride=(1, 1), padding=(1, 1), M=1, N=1, hv=False),
+        dict(B=17, C=3, H=6, W=31, Co=33, kernel=(3, 3), stride=(2, 1), padding=(0, 1), M=3, N=2, hv=True),
+        dict(B=1, C=13, H=9, W=50, Co=5, kernel=(7, 7), stride=(1, 1), padding=(3, 3), M=2, N=3, hv=True,
+             channels_last=True),
+        dict(B=3, C=16, H=5, W=5, Co=70, kernel=(1, 1), stride=(1, 1), padding=(0, 0), M=1, N=1, hv=False),
+        dict(B=2, C=8, H=4, W=3, Co=17, kernel=(3, 3), stride=(3, 1), padding=(2, 0), M=1, N=2, hv=True),
+    ],
+    "lane32": [
+        dict(B=2, C=32, H=8, W=9, Co=32, kernel=(3, 3), stride=(1, 1), padding=(1, 1), M=1, N=1, hv=False),
+        dict(B=16, C=24, H=5, W=13, Co=40, kernel=(3, 3), stride=(1, 2), padding=(1, 1), M=3, N=2, hv=True,
+             channels_last=True),
+        dict(B=1, C=29, H=11, W=30, Co=7, kernel=(5, 3), stride=(2, 3), padding=(2, 3), M=2, N=1, hv=True),
+        dict(B=3, C=17, H=6, W=6, Co=16, kernel=(1, 1), stride=(1, 1), padding=(1, 0), M=4, N=1, hv=False),
+    ],
+    "word": [
+        dict(B=2, C=16, H=9, W=9, Co=16, kernel=(3, 3), stride=(2, 2), padding=(1, 1), M=1, N=1, hv=False),
+        dict(B=17, C=20, H=6, W=7, Co=37, kernel=(3, 3), stride=(1, 1), padding=(1, 1), M=2, N=2, hv=True),
+        dict(B=2, C=64, H=5, W=6, Co=9, kernel=(3, 3), stride=(1, 1), padding=(1, 1), M=1, N=1, hv=False),
+    ],
+}
+
+
+@pytest.mark.parametrize("engine,case", [(e, c) for e, cases in ENGINE_CASES.items() for c in cases],
+                         ids=[f"{e}-C{c['C']}k{c['kernel'][0]}x{c['kernel'][1]}s{c['stride'][1]}"
+                              for e, cases in ENGINE_CASES.items() for c in cases])
+def test_each_engine_matches_reference(isa, threads, engine, case):
+    case = dict(dict(per_channel=True, channels_last=False), **case)
+    expected = engine if isa == "avx512" and (engine != "lane16" or backend.engine(16, 3, 1) == "lane16") \
+        else None
+    chosen = backend.engine(case["C"], case["kernel"], case["stride"])
+    if expected is not None:
+        assert chosen == expected
+    else:
+        assert chosen in ("word", "lane32") and (isa == "avx512" or chosen == "word")
+    out, pairs, ref_out, ref_pairs, scale = run_case(case, seed=11)
+    assert torch.equal(pairs.double(), ref_pairs)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5 * float(scale))
+
+
 def test_large_parallel_shape(isa, threads):
     """Enough work for the thread pool and several column blocks (M * Co > 32) and K > 31 words."""
     case = dict(B=2, C=130, H=12, W=10, Co=37, kernel=(3, 3), stride=(1, 1), padding=(1, 1), M=2, N=2,

@@ -17,9 +17,10 @@ from bitkern.backends import torch_backend
 
 # (B, C, H, W, Co, M, N, kernel, stride, padding, per_channel_alpha, channels_last). The shapes cover:
 # M, N > 1 (the epilogue must wait for the last (n, m) contribution), Co not a multiple of 8, C <= 32
-# (tap folding) and C > 64 (two words), stride 2, padding 0 / 1, and on AVX-512 the register-block
-# variants (M * ceil(Co / 8) column groups = 1, 2, 3, 4, 5, 6 -> R = 24, 12, 8, 6 plus remainder tiles)
-# with pixel counts that are not multiples of R.
+# (tap folding; on AVX-512 the lane16 / lane32 engines, dense and strided) and C > 64 (two words),
+# stride 2, padding 0 / 1, and on AVX-512 the register-block variants (M * ceil(Co / 8) column groups =
+# 1, 2, 3, 4, 5, 6 -> R = 24, 12, 8, 6 plus remainder tiles) with pixel counts that are not multiples
+# of R.
 SHAPES = [
     (2, 16, 9, 9, 13, 3, 2, (3, 3), 1, 1, True, False),
     (1, 16, 8, 7, 8, 1, 1, (3, 3), 2, 0, False, True),
@@ -28,6 +29,7 @@ SHAPES = [
     (1, 70, 5, 6, 7, 2, 2, (3, 3), 1, 0, True, False),
     (2, 64, 6, 6, 40, 1, 1, (1, 1), 2, 0, False, True),
     (1, 3, 10, 10, 19, 2, 1, (5, 3), 2, 1, False, False),
+    (2, 24, 8, 9, 35, 2, 2, (3, 3), 2, 1, True, False),
 ]
 CLAMPS = [None, (-1.0, 1.0), (0.0, math.inf), (-0.3, 0.2)]
 

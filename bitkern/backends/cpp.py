@@ -164,6 +164,14 @@ class CppBackend:
         if not self.available:
             raise RuntimeError(f"cpp backend unavailable: {self.reason}")
 
+    def engine(self, in_channels: int, kernel_size, stride) -> str:
+        """The kernel family a conv runs on with the current ISA: "lane16" / "lane32" (AVX-512, up to
+        16 / 32 input channels) or "word" (64-channel words); docs/cpu_kernels.md explains the choice."""
+        self._require()
+        kh, kw = _checks.pair("kernel_size", kernel_size, minimum=1)
+        _, sw = _checks.pair("stride", stride, minimum=1)
+        return _C.conv_engine(current_isa(), int(in_channels), kh, kw, sw)
+
     def has_nan(self, t: torch.Tensor) -> bool:
         """NaN scan in one vectorized pass (torch's isnan().any() costs ~10x more on large inputs)."""
         self._require()
