@@ -7,6 +7,7 @@
 #include <pthread.h>
 
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <new>
@@ -47,8 +48,11 @@ void* pool_acquire(size_t bytes) {
   const size_t size = rounded(bytes == 0 ? 1 : bytes);
   {
     std::lock_guard<std::mutex> lk(g_pool->mu);
-    auto it = g_pool->free_blocks.find(size);
-    if (it != g_pool->free_blocks.end()) {
+    // The most recently returned block of this size (equal keys keep insertion order): its lines are
+    // the likeliest to still be in cache.
+    const auto range = g_pool->free_blocks.equal_range(size);
+    if (range.first != range.second) {
+      const auto it = std::prev(range.second);
       void* ptr = it->second;
       g_pool->cached -= size;
       g_pool->free_blocks.erase(it);
