@@ -162,9 +162,9 @@ bool run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
 bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                    const float* alpha, const float* beta, const float* bias, const float* residual, float clamp_lo,
-                    float clamp_hi, float* out, int32_t* pairs, const std::string& isa_name,
-                    int threads) {
+                    const float* alpha, const float* beta, const float* bias, const float* residual,
+                    float clamp_lo, float clamp_hi, float* out, int32_t* pairs,
+                    const std::string& isa_name, int threads) {
   const Isa isa = parse_isa(isa_name);
   if (mode != kModeSign && mode != kModeHv) throw std::invalid_argument("mode: expected 0 or 1");
   if (mode == kModeSign) N = 1;

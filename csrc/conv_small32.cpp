@@ -7,6 +7,8 @@
 #include "conv_small_avx512.h"
 
 namespace bk {
-void conv_small32_avx512(const ConvPlan& p, int64_t u_begin, int64_t u_end) { small_engine(p, u_begin, u_end); }
+void conv_small32_avx512(const ConvPlan& p, int64_t u_begin, int64_t u_end) {
+  small_engine(p, u_begin, u_end);
+}
 }  // namespace bk
 #endif

@@ -89,7 +89,8 @@ BK_SMALL_TARGET void small_tile(const ConvPlan& p, int64_t n, const RowBlock& bl
       if constexpr (kPairs) {  // 32-bit lane c: pixel 0's count in the low half, pixel 1's in the high
         store_segment(p, seg[v], _mm512_and_si512(acc[i][v], _mm512_set1_epi32(0xFFFF)), pix, cls);
         if (ow + 1 < p.OW)
-          store_segment(p, seg[v], _mm512_srli_epi32(acc[i][v], 16), pix + 1, blk.row_cls + p.col_cls[ow + 1]);
+          store_segment(p, seg[v], _mm512_srli_epi32(acc[i][v], 16), pix + 1,
+                        blk.row_cls + p.col_cls[ow + 1]);
       } else {
         store_segment(p, seg[v], acc[i][v], pix, cls);
       }

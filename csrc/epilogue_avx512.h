@@ -41,7 +41,8 @@ BK_TARGET_AVX512 inline void store_segment(const ConvPlan& p, const Segment& s, 
   // Unmasked (in bounds: a base row holds >= col + width entries); lanes past Co are never stored.
   const int32_t* b = p.base + cls * p.MCp + s.col;
   const __m512i base = s.wide ? _mm512_loadu_si512(b)
-                              : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+                              : _mm512_castsi256_si512(
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
   const __m512i dot = _mm512_sub_epi32(base, _mm512_add_epi32(pc, pc));
   if (s.pairs) _mm512_mask_storeu_epi32(s.pairs + pix * p.Co, s.mask, dot);
   if (!p.out) return;

@@ -47,6 +47,10 @@ void delete_pooled(DLManagedTensor* self) {
 // (torch.from_dlpack) renames it "used_dltensor" and calls the deleter when its storage dies; an
 // unconsumed capsule gives the block back itself.
 py::object pooled_capsule(int64_t numel, int code, int bits) {
+  if (numel < 0 || code < 0 || code > 2 || (bits != 8 && bits != 16 && bits != 32 && bits != 64))
+    throw std::invalid_argument("pooled_empty: expected numel >= 0, code 0/1/2 and bits 8/16/32/64, got " +
+                                std::to_string(numel) + ", " + std::to_string(code) + ", " +
+                                std::to_string(bits));
   auto* t = new PooledTensor();
   t->numel = numel;
   t->bytes = static_cast<size_t>(numel) * static_cast<size_t>(bits / 8);

@@ -121,3 +121,10 @@ def test_forked_child_computes_with_both_pools(pool):
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_pooled_empty_checks_its_arguments():
+    with pytest.raises(ValueError, match="pooled_empty"):
+        _C.pooled_empty(-1, 0, 32)
+    with pytest.raises(ValueError, match="pooled_empty"):
+        _C.pooled_empty(4, 0, 12)

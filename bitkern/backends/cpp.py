@@ -232,7 +232,7 @@ class CppBackend:
             if num_a < 1:
                 raise ValueError("v: expected at least one activation shift, got an empty tensor")
         if beta is None:
-            beta = torch.ones(num_a, dtype=torch.float32) if alpha2d is not None else None  # read with out only
+            beta = torch.ones(num_a, dtype=torch.float32) if alpha2d is not None else None  # out only
         else:
             beta = _check_cpu_tensor("beta", beta, torch.float32, 1).contiguous()
         if beta is not None and beta.numel() != num_a:
