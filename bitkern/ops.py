@@ -104,11 +104,17 @@ def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padd
     return out.contiguous(memory_format=torch.channels_last)
 
 
+# The private hooks _plain_eager reads (torch 2.13); without them every call goes through the dispatcher.
+_EAGER_HOOKS = all(hasattr(mod, name) for mod, name in (
+    (torch._C, "_len_torch_dispatch_stack"), (torch._C, "_is_torch_function_mode_enabled"),
+    (torch._C._functorch, "peek_interpreter_stack"), (torch.autograd.profiler, "_is_profiler_enabled")))
+
+
 def _plain_eager(args, differentiable: bool) -> bool:
     """True when calling an op through the dispatcher would only route to its Python implementation:
     eager (no torch.compile, dispatch or torch-function mode, functorch transform or profiler), plain
     tensors, and, for a differentiable op, no input that needs a gradient."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+    if (not _EAGER_HOOKS or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._functorch.peek_interpreter_stack() is not None
             or torch.autograd.profiler._is_profiler_enabled):

@@ -327,3 +327,31 @@ def test_backends_agree_bit_for_bit(cfg):
     for key, got in outputs.items():
         for want_t, got_t in zip(reference, got):
             assert torch.equal(want_t, got_t), key
+
+
+def test_eager_fast_path_only_when_nothing_else_would_run():
+    """Plain eager calls skip the custom-op dispatcher; modes, subclasses and autograd still see the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 6, 7, generator=gen), torch.randn(4, 5, 3, 3, generator=gen)
+    assert ops._plain_eager((x, w), differentiable=False)
+    x_grad = x.clone().requires_grad_()
+    assert not ops._plain_eager((x_grad, w), differentiable=True)
+    assert ops._plain_eager((x_grad, w), differentiable=False)
+    with torch.no_grad():
+        assert ops._plain_eager((x_grad, w), differentiable=True)
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    fast = ops.binary_conv2d(x, w, padding=1)
+    with Log():
+        assert not ops._plain_eager((x, w), differentiable=False)
+        logged = ops.binary_conv2d(x, w, padding=1)
+    assert any("bitkern.binary_conv2d" in name for name in seen)
+    assert torch.equal(fast, logged)
