@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,30 @@ struct PackJob {
   // words (bit c = channel c), no folding. 8: the word layout above.
   int elem_bytes = 8;
 };
+
+// Walks padded rows [r0, r1) of the flattened (b, hp) row index space for every base n of job.dst
+// (elements of T, per_pixel of them per pixel): padding rows and padding columns are zeroed, image row h
+// is filled by pack_row(n, b, h, row) (row: the padded row's first element), which returns true when it
+// read a NaN. Returns the OR of those results.
+template <typename T, typename PackRow>
+bool for_each_padded_row(const PackJob& j, int64_t r0, int64_t r1, int64_t per_pixel, PackRow pack_row) {
+  bool nan = false;
+  const int64_t pad = j.pw * per_pixel;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / j.Hp, hp = r % j.Hp, h = hp - j.ph;
+    for (int64_t n = 0; n < j.N; ++n) {
+      T* row = reinterpret_cast<T*>(j.dst) + ((n * j.B + b) * j.Hp + hp) * j.Wp * per_pixel;
+      if (h < 0 || h >= j.H) {
+        std::memset(row, 0, sizeof(T) * j.Wp * per_pixel);
+        continue;
+      }
+      std::memset(row, 0, sizeof(T) * pad);
+      std::memset(row + (j.pw + j.W) * per_pixel, 0, sizeof(T) * pad);
+      nan |= pack_row(n, b, h, row);
+    }
+  }
+  return nan;
+}
 
 // Packs padded rows [r0, r1) of the flattened (b, hp) row index space, all N bases. Returns true when
 // one of the x values read (base 0) is NaN.

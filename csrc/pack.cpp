@@ -24,13 +24,6 @@ inline uint64_t* dst_row(const PackJob& j, int64_t n, int64_t b, int64_t hp) {
   return j.dst + ((n * j.B + b) * j.Hp + hp) * j.Wp * j.Kw;
 }
 
-// Zeroes the left/right padding words of one padded row.
-inline void zero_row_padding(const PackJob& j, uint64_t* row) {
-  if (j.pw == 0) return;
-  std::memset(row, 0, sizeof(uint64_t) * j.pw * j.Kw);
-  std::memset(row + (j.pw + j.W) * j.Kw, 0, sizeof(uint64_t) * j.pw * j.Kw);
-}
-
 inline float x_at(const PackJob& j, int64_t b, int64_t c, int64_t h, int64_t w) {
   return j.channels_last ? j.x[((b * j.H + h) * j.W + w) * j.C + c]
                          : j.x[((b * j.C + c) * j.H + h) * j.W + w];
@@ -220,19 +213,10 @@ bool pack_row(const PackJob& j, Isa isa, int64_t n, int64_t b, int64_t h, uint64
 }  // namespace
 
 bool pack_rows(const PackJob& j, Isa isa, int64_t r0, int64_t r1) {
-  bool nan = false;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / j.Hp, hp = r % j.Hp, h = hp - j.ph;
-    for (int64_t n = 0; n < j.N; ++n) {
-      uint64_t* row = dst_row(j, n, b, hp);
-      if (h < 0 || h >= j.H) {
-        std::memset(row, 0, sizeof(uint64_t) * j.Wp * j.Kw);
-        continue;
-      }
-      zero_row_padding(j, row);
-      nan |= pack_row(j, isa, n, b, h, row);
-    }
-  }
+  const bool nan = for_each_padded_row<uint64_t>(
+      j, r0, r1, j.Kw, [&](int64_t n, int64_t b, int64_t h, uint64_t* row) {
+        return pack_row(j, isa, n, b, h, row);
+      });
   // Folded planes, from the rows just written (still in cache).
   for (int f = 0; f < j.fold_count; ++f)
     for (int64_t n = 0; n < j.N; ++n)

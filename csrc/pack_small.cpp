@@ -1,7 +1,6 @@
 // Packing for the small-channel engine (C <= 32, AVX-512): one 16- or 32-bit element per pixel, bit c
 // = channel c, in zero-padded NHWC planes [N][B][Hp][Wp]. Same bit convention and NaN report as
 // pack.cpp (NaN is looked for while packing base 0).
-#include <cstring>
 
 #include "bk_common.h"
 
@@ -65,24 +64,10 @@ BK_TARGET_AVX512 bool pack_row(const PackJob& j, int64_t n, int64_t b, int64_t h
 
 template <typename T>
 BK_TARGET_AVX512 bool pack_rows_t(const PackJob& j, int64_t r0, int64_t r1) {
-  bool nan = false;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / j.Hp, hp = r % j.Hp, h = hp - j.ph;
-    for (int64_t n = 0; n < j.N; ++n) {
-      T* row = reinterpret_cast<T*>(j.dst) + ((n * j.B + b) * j.Hp + hp) * j.Wp;
-      if (h < 0 || h >= j.H) {
-        std::memset(row, 0, sizeof(T) * j.Wp);
-        continue;
-      }
-      std::memset(row, 0, sizeof(T) * j.pw);
-      std::memset(row + j.pw + j.W, 0, sizeof(T) * j.pw);
-      if (j.mode == kModeSign)  // one base
-        nan |= pack_row<true, kModeSign>(j, n, b, h, row);
-      else
-        nan |= n == 0 ? pack_row<true, kModeHv>(j, n, b, h, row) : pack_row<false, kModeHv>(j, n, b, h, row);
-    }
-  }
-  return nan;
+  return for_each_padded_row<T>(j, r0, r1, 1, [&](int64_t n, int64_t b, int64_t h, T* row) {
+    if (j.mode == kModeSign) return pack_row<true, kModeSign>(j, n, b, h, row);  // one base
+    return n == 0 ? pack_row<true, kModeHv>(j, n, b, h, row) : pack_row<false, kModeHv>(j, n, b, h, row);
+  });
 }
 
 }  // namespace

@@ -55,7 +55,7 @@ def current_isa() -> str:
     env = os.environ.get("BITKERN_ISA")
     if env:
         return _validate_isa(env.strip().lower(), "BITKERN_ISA")
-    return backend._isas[0] if backend._isas else backend.isa_supported()[0]
+    return backend.isa_supported()[0]
 
 
 def num_threads() -> int:
