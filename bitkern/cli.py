@@ -62,6 +62,51 @@ def _pos_number(text: str) -> float:
     return v
 
 
+def _budget(text: str) -> float:
+    """One L-inf budget in [0, 1] (inputs are [0, 1] images): '8/255', '0.03'."""
+    v = _number(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]; inputs are [0, 1] images, so give pixel "
+                                         f"units as a fraction, e.g. 8/255")
+    return v
+
+
+def _budget_list(text: str) -> list[float]:
+    """'2/255', '0,2,4,8,16/255' (a trailing /D applies to every item without one), '0.01,0.03'."""
+    items = _csv(text)
+    last = items[-1]
+    if len(items) > 1 and "/" in last and not any("/" in i for i in items[:-1]):
+        den = last.split("/", 1)[1]
+        items = [f"{i}/{den}" for i in items[:-1]] + [last]
+    values = [_budget(i) for i in items]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated budget in {text!r}")
+    return sorted(values)
+
+
+MAX_THREADS = 1024
+MAX_INPUT_DIM = 4096      # bops / simulate build the model and run one forward at this shape
+MAX_INPUT_CHANNELS = 1024
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N, and only if this machine has it."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: bitkern runs on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} requested but this torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
+
 def _csv(text: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
@@ -77,7 +122,17 @@ def _shape(text: str) -> tuple[int, ...]:
     dims = tuple(_pos_int(s) for s in text.replace("x", ",").split(","))
     if len(dims) != 3:
         raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}")
+    if dims[0] > MAX_INPUT_CHANNELS or max(dims[1:]) > MAX_INPUT_DIM:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large (at most {MAX_INPUT_CHANNELS} channels and "
+                                         f"{MAX_INPUT_DIM} pixels per side)")
     return dims
+
+
+def _threads(text: str) -> int:
+    v = _pos_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_THREADS}, got {v}")
+    return v
 
 
 def _recipe_args(pairs: list[str] | None) -> dict:
@@ -110,12 +165,26 @@ def _add_data_args(p, default_dataset="digits"):
 
 
 def _add_runtime_args(p):
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default: cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:0, ... (default: cpu)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
-    p.add_argument("--threads", type=_pos_int, default=None,
+    p.add_argument("--threads", type=_threads, default=None,
                    help="torch CPU threads (default: 1 for digits, whose tiny tensors gain nothing from "
                         "threads, else torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _add_budget_args(p, eps_help):
+    p.add_argument("--eps", type=_budget_list, default=None,
+                   help=f"L-inf budget or list, e.g. 8/255 or 0,2,4,8,16/255 ({eps_help})")
+    p.add_argument("--alpha", type=_pos_number, default=None,
+                   help="PGD step (default eps/4 at every budget: the papers' 0.5/255 at 2/255)")
+    p.add_argument("--pgd-steps", type=_int_list, default=[20, 50], help="default 20,50")
+    p.add_argument("--restarts", type=_pos_int, default=5, help="PGD random restarts (default 5)")
+    p.add_argument("--suite", choices=("standard",), default=None,
+                   help="also run the standard suite APGD-CE -> APGD-T -> Square (worst case, gradient-free "
+                        "last) at every budget and flag gradient masking")
+    p.add_argument("--apgd-steps", type=_pos_int, default=100, help="suite: APGD iterations (default 100)")
+    p.add_argument("--square-queries", type=_pos_int, default=5000, help="suite: Square queries (default 5000)")
 
 
 def _add_train_args(p, epochs_default_help):
@@ -151,10 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated quant specs (default: fp,pact-w4a4,pact-w2a2,xnor,mbn1x3,mbn3x1,"
                         "mbn3x3,mbn5x1)")
     _add_train_args(p, "training epochs (default per dataset, digits: 8)")
-    p.add_argument("--eps", type=_pos_number, default=2 / 255, help="PGD budget (default 2/255)")
-    p.add_argument("--alpha", type=_pos_number, default=0.5 / 255, help="PGD step (default 0.5/255)")
-    p.add_argument("--pgd-steps", type=_int_list, default=[20, 50], help="default 20,50")
-    p.add_argument("--restarts", type=_pos_int, default=5)
+    _add_budget_args(p, "default per dataset: digits 8,16,32/255 (Table 2 at 16/255, one grey level), "
+                        "others 1,2,4,8/255 (Table 2 at the papers' 2/255)")
     p.add_argument("--eval-samples", type=_nonneg_int, default=None,
                    help="test examples attacked (0 = all; default per dataset, digits: 100)")
     p.add_argument("--sanity", action="store_true", help="also run bitkern.eval's sanity report per config")
@@ -174,10 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained model (Top-1 and PGD)")
     p.add_argument("model", help="model.safetensors written by `bitkern train`/`sweep`, or a frozen model")
     _add_data_args(p)
-    p.add_argument("--eps", type=_pos_number, default=2 / 255)
-    p.add_argument("--alpha", type=_pos_number, default=0.5 / 255)
-    p.add_argument("--pgd-steps", type=_int_list, default=[20, 50])
-    p.add_argument("--restarts", type=_pos_int, default=5)
+    _add_budget_args(p, "default 2/255")
     p.add_argument("--eval-samples", type=_nonneg_int, default=0, help="0 = whole test set")
     p.add_argument("--out", default=None, help="write <out>.json/.md/.npz")
     _add_runtime_args(p)
@@ -219,6 +283,20 @@ def _setup_threads(args) -> None:
         torch.set_num_threads(threads)
 
 
+def _check_out_dir(path: str, flag: str) -> None:
+    """The output directory is a directory (or can be created) and this user can write there."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+
+
 def _progress(args):
     return False if args.no_progress else None
 
@@ -226,13 +304,16 @@ def _progress(args):
 def cmd_sweep(args) -> int:
     from .sweep import DEFAULT_SPECS, SweepConfig, run_sweep
 
+    _check_out_dir(args.out, "--out")
     _setup_threads(args)
     cfg = SweepConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
                       specs=tuple(args.specs or DEFAULT_SPECS), recipe=args.recipe,
                       recipe_args=_recipe_args(args.recipe_arg), epochs=args.epochs, batch_size=args.batch_size,
                       optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                      augment=args.augment, train_eps=args.train_eps, eval_eps=args.eps, eval_alpha=args.alpha,
+                      augment=args.augment, train_eps=args.train_eps,
+                      eval_eps=None if args.eps is None else tuple(args.eps), eval_alpha=args.alpha,
                       pgd_steps=tuple(args.pgd_steps), restarts=args.restarts, eval_samples=args.eval_samples,
+                      suite=args.suite, square_queries=args.square_queries, apgd_steps=args.apgd_steps,
                       image_size=args.image_size, device=args.device, seed=args.seed, out=args.out,
                       resume=args.resume, sanity=args.sanity, progress=_progress(args))
     run_sweep(cfg, log=lambda s: print(s, flush=True))
@@ -246,8 +327,12 @@ def cmd_train(args) -> int:
     from .sweep import defaults_for
     from .train import evaluate_accuracy, fit
 
+    _check_out_dir(args.out, "--out")
     _setup_threads(args)
     parse_quant(args.quant)
+    from .train import make_recipe
+
+    make_recipe(args.recipe, **{**_recipe_args(args.recipe_arg), "eps": args.train_eps})  # fail before loading
     d = defaults_for(args.dataset)
     x_tr, y_tr = load_dataset(args.dataset, args.data_dir, "train", image_size=args.image_size)
     x_te, y_te = load_dataset(args.dataset, args.data_dir, "test", image_size=args.image_size)
@@ -299,20 +384,30 @@ def cmd_eval(args) -> int:
     from .freeze import freeze
     from .train import evaluate_accuracy
 
+    if args.out:
+        _check_out_dir(str(Path(args.out).parent), "--out")
     _setup_threads(args)
     model = _load_any_model(Path(args.model))
     x, y = load_dataset(args.dataset, args.data_dir, "test", image_size=args.image_size)
     frozen = freeze(model).to(args.device)
     top1 = evaluate_accuracy(frozen, (x, y), device=args.device)
     n = x.shape[0] if args.eval_samples == 0 else min(args.eval_samples, x.shape[0])
-    attacks = {f"PGD-{s}": PGD(frozen, eps=args.eps, alpha=args.alpha, steps=s) for s in args.pgd_steps}
-    res = robustness(frozen, (x[:n], y[:n]), attacks, restarts=args.restarts, device=args.device,
-                     progress=not args.no_progress, seed=args.seed, sanity=False)
     print(f"top-1 (frozen, {x.shape[0]} test examples): {top1:.2f}%")
-    for name, s in res.attacks.items():
-        print(f"{name} on {n} examples: mean {s['mean']:.2f}% ± {s['std']:.2f}, worst case {s['worst']:.2f}%")
-    if args.out:
-        res.save(args.out)
+    budgets = [e for e in (args.eps or [2 / 255]) if e > 0]
+    for eps in budgets:
+        alpha = args.alpha if args.alpha is not None else eps / 4
+        attacks = {f"PGD-{s}": PGD(frozen, eps=eps, alpha=alpha, steps=s) for s in args.pgd_steps}
+        res = robustness(frozen, (x[:n], y[:n]), attacks, restarts=args.restarts, device=args.device,
+                         progress=not args.no_progress, seed=args.seed, sanity=False, suite=args.suite, eps=eps,
+                         suite_options={"apgd_steps": args.apgd_steps, "square_queries": args.square_queries})
+        at = f" at eps {eps * 255:g}/255" if len(budgets) > 1 or args.eps else ""
+        for name, s in res.attacks.items():
+            print(f"{name} on {n} examples{at}: mean {s['mean']:.2f}% ± {s['std']:.2f}, worst case {s['worst']:.2f}%")
+        if res.suite is not None:
+            print(f"standard suite on {n} examples{at}: {res.suite.robust_acc:.2f}% "
+                  f"({res.suite.masking['verdict']}: {res.suite.masking['message']})")
+        if args.out:
+            res.save(args.out if len(budgets) == 1 else f"{args.out}-eps{eps * 255:g}")
     return 0
 
 
@@ -390,6 +485,16 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd, cwd=str(root))
 
 
+def _check_environment() -> None:
+    """Every BITKERN_* variable the package reads, checked before any work (one line if one is bad)."""
+    from .dispatch import check_environment
+
+    try:
+        check_environment()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "eval": cmd_eval, "bops": cmd_bops,
             "simulate": cmd_simulate, "bench": cmd_bench}
 
@@ -397,24 +502,27 @@ COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "eval": cmd_eval, "bops": cm
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("BITKERN_DEBUG") == "1"
-    if not argv:
-        argv = ["sweep"]  # the main job: `bitkern` alone reproduces the study on digits
     try:
         from .checkpoint import CheckpointError
         from .data import DataError
         from .sweep import SweepError
 
         parser = build_parser()
+        if not argv:
+            parser.print_usage(sys.stderr)
+            raise UsageError(f"{PROG}: choose a command: {', '.join(COMMANDS)} (the study: {PROG} sweep; "
+                             f"help: {PROG} --help)")
         args = parser.parse_args(argv)
         if args.command is None:
             raise UsageError(f"{PROG}: choose a command: {', '.join(COMMANDS)}")
+        _check_environment()
         return COMMANDS[args.command](args)
     except (UsageError, SweepError, DataError, CheckpointError) as e:
         if debug:
             raise
         print(f"{PROG}: error: {e}" if not str(e).startswith(PROG) else f"{e}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         # bad values caught by the library's own argument checks (e.g. an unknown quant spec)
         if debug:
             raise

@@ -21,17 +21,20 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from . import ops
-from ._io import atomic_path
+from .model_files import (ModelFileError, check_entries, check_model_meta, expected_state, load_verified,
+                          read_header, write_safetensors)
 from .nn import MBNConv2d, MBNLinear, XNORConv2d, XNORLinear
 
 FORMAT = "bitkern-frozen"
-FORMAT_VERSION = 2  # v2: BatchNorm / activation folding (meta "fused"); v1 files still load
+FORMAT_VERSION = 3  # v2: BatchNorm / activation folding (meta "fused"); v3: content hash (bitkern_sha256)
+# in the header. v1 / v2 files carry no hash and are refused with a message telling how to re-create them.
 
 
 class PackedMBNConv2d(nn.Module):
@@ -242,18 +245,23 @@ class FrozenModel(nn.Module):
         return self.net.fc
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write safetensors (atomically) with the model description as JSON in the header metadata."""
-        from safetensors.torch import save_file
-        tensors = {k: t.detach().cpu().contiguous().clone() for k, t in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"bitkern": json.dumps(self.meta, sort_keys=True)})
+        """Write safetensors (atomically): the model description as JSON under ``bitkern`` in the header
+        metadata, and ``bitkern_sha256``, a content hash over that description and every tensor."""
+        meta = {**self.meta, "format": FORMAT, "version": FORMAT_VERSION}
+        meta["fused"] = bool(meta.get("fused", False))
+        try:
+            text = json.dumps(meta, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"meta: cannot be stored as JSON ({e})") from None
+        write_safetensors(path, self.state_dict(), {"bitkern": text})
 
 
 def _meta_of(model: nn.Module) -> dict:
     meta = {"format": FORMAT, "version": FORMAT_VERSION}
     for key in ("arch", "quant", "num_classes", "in_channels"):
-        if hasattr(model, key):
-            meta[key] = getattr(model, key)
+        val = getattr(model, key, None)
+        if isinstance(val, (str, int, float, bool)):
+            meta[key] = val
     return meta
 
 
@@ -283,29 +291,55 @@ def freeze(model: nn.Module, fuse: bool = True) -> FrozenModel:
     return frozen
 
 
-def load_frozen(path: str | os.PathLike, device="cpu") -> FrozenModel:
-    """Load a model written by FrozenModel.save (safetensors only; nothing is unpickled)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def _frozen_meta(header) -> dict:
+    """The checked model description of a frozen file (from its header; nothing is allocated)."""
+    path = header.path
+    if "bitkern" not in header.metadata:
+        raise ModelFileError(f"{path}: has no bitkern metadata; expected a file written by FrozenModel.save()")
+    try:
+        meta = json.loads(header.metadata["bitkern"])
+    except (ValueError, RecursionError):
+        raise ModelFileError(f"{path}: bitkern metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise ModelFileError(f"{path}: holds format {got!r}; expected {FORMAT!r}")
+    version = meta.get("version")
+    if version in (1, 2) and not isinstance(version, bool):
+        raise ModelFileError(
+            f"{path}: frozen format v{version} (written by an older bitkern) carries no content hash and is "
+            f"refused; re-create it from the trained model: "
+            f"bitkern.freeze(bitkern.checkpoint.load_model('model.safetensors')).save('{path.name}')")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ModelFileError(f"{path}: unsupported frozen format version {version!r}; expected {FORMAT_VERSION}")
+    if not isinstance(meta.get("fused"), bool):
+        raise ModelFileError(f"{path}: metadata fused must be true or false, got {meta.get('fused')!r}")
+    return check_model_meta(path, meta)
 
+
+def load_frozen(path: str | os.PathLike, device="cpu") -> FrozenModel:
+    """Load a model written by FrozenModel.save (safetensors only; nothing is unpickled).
+
+    Before any tensor is used: the header, the metadata (types, bounds), every tensor's name / dtype / shape
+    against the packed model the metadata implies, and the content hash are checked; then floats must be
+    finite and packed words must have no bits set beyond their channel count. Any problem raises
+    ModelFileError (a ValueError) naming the file."""
     from .models import create
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
-    if "bitkern" not in header:
-        raise ValueError(f"path: {path} has no bitkern metadata; expected a file written by frozen.save()")
-    meta = json.loads(header["bitkern"])
-    if meta.get("format") != FORMAT or meta.get("version") not in (1, FORMAT_VERSION):
-        raise ValueError(f"path: {path} holds format {meta.get('format')!r} v{meta.get('version')!r}; "
-                         f"expected {FORMAT!r} v1 or v{FORMAT_VERSION}")
-    fused = bool(meta.get("fused", False))  # v1 files predate folding
-    missing = [k for k in ("arch", "quant", "num_classes", "in_channels") if k not in meta]
-    if missing:
-        raise ValueError(f"path: {path} metadata lacks {missing}; cannot rebuild the model")
-    skeleton = create(meta["arch"], meta["quant"], num_classes=meta["num_classes"],
-                      in_channels=meta["in_channels"])
+
+    path = Path(path)
+    header = read_header(path)
+    meta = _frozen_meta(header)
+    fused = meta["fused"]
+    expected = expected_state(path, meta, frozen=True, fused=fused)
+    check_entries(header, expected)
+    state = load_verified(header, expected=expected)
+    with torch.random.fork_rng(devices=[]):
+        skeleton = create(meta["arch"], meta["quant"], num_classes=meta["num_classes"],
+                          in_channels=meta["in_channels"])
     frozen = freeze(skeleton, fuse=fused)
-    state = load_file(str(path), device="cpu")
-    frozen.load_state_dict(state, strict=True)
+    try:
+        frozen.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelFileError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
     if not fused:  # an unfused file: fold now, for speed (saving it again writes the fused form)
         fuse_packed(frozen.net)
         frozen.meta.update(version=FORMAT_VERSION, fused=True)
@@ -318,4 +352,4 @@ def state_dict_bytes(module: nn.Module) -> int:
 
 
 __all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "PackedMBNConv2d", "ResidualFusedBlock",
-           "state_dict_bytes"]
+           "state_dict_bytes", "ModelFileError"]

@@ -10,6 +10,22 @@ Public wrappers (validate, then call the op):
   mbn_conv2d(x, w_bases, alpha, v, beta, stride, padding)            -> float32 (Eq. 2)
   mbn_conv2d_packed(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding,
                     bias=None, clamp=None, residual=None) -> float32
+
+Sign rule: a binarized value t (x in sign mode, w, w_bases) gives +1 where t >= 0 and -1 where t < 0,
+compared in t's own dtype (float32, float64, float16 or bfloat16), so -0.0 and +0.0 give +1 and any
+negative value, however small (float64 -1e-50, -1e-320), gives -1; +inf gives +1, -inf gives -1. The
+activation bases H_v (v given) compare fl32(fl32(x) + v) >= 0.5 (x rounded to float32 first).
+
+Non-finite values (the same on every backend and ISA path; all errors are ValueError naming the
+argument, raised before or instead of a result):
+  * NaN in a binarized input (x, w, w_bases) raises ("x: contains NaN ..."); +-inf binarizes by sign.
+  * alpha, v, beta, bias and residual must be finite once converted to float32 (NaN, +-inf and
+    float64 values beyond float32's range raise "<name>: contains NaN or Inf ..."). The cpp backend
+    detects a non-finite residual inside the kernel's epilogue (one compare per vector), other backends
+    with one isfinite pass.
+  * clamp = (lo, hi) needs lo < hi (so NaN raises); an infinite bound means no bound on that side.
+  * With finite inputs the float arithmetic can still overflow (e.g. alpha * beta > 3.4e38): every
+    backend then produces the same IEEE results (inf, or NaN for inf * 0), and the clamp propagates NaN.
 """
 from __future__ import annotations
 
@@ -69,9 +85,18 @@ def _alpha2d(alpha: Tensor, num_bases: int, out_channels: int) -> Tensor:
     return alpha.float().reshape(num_bases, -1).expand(num_bases, out_channels).contiguous()
 
 
+def _binarizable(t: Tensor, sign: bool = True) -> Tensor:
+    """float32 tensor that binarizes like t: t itself (float32) or t.float() (float16 / bfloat16 widen
+    exactly, and H_v is defined on fl32(x)); in sign mode a float64 t becomes +-1 (t < 0 -> -1), since
+    rounding it to float32 could turn a tiny negative value into -0.0, whose bit is +1."""
+    if sign and t.dtype == torch.float64:
+        return torch.where(t < 0, -1.0, 1.0).to(torch.float32)
+    return t.float()
+
+
 def _pack_weight_bases(backend, w_bases: Tensor) -> Tensor:
     """float [M, Co, C, KH, KW] -> int64 [M, Co, KH, KW, Kw]."""
-    packed = backend.pack_signs(w_bases.flatten(0, 1).float().contiguous())
+    packed = backend.pack_signs(_binarizable(w_bases.flatten(0, 1)).contiguous())
     return packed.unflatten(0, w_bases.shape[:2])
 
 
@@ -91,7 +116,7 @@ def _run_mbn(x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padd
         given = {"bias": bias, "clamp": clamp, "residual": residual}
         epilogue = {k: t for k, t in given.items() if t is not None}  # backends without residual still work
     out, _ = backend.mbn_conv2d_packed(
-        x.float(), w_packed, in_channels, tuple(kernel_size), _alpha2d(alpha, num_bases, out_channels),
+        _binarizable(x, v is None), w_packed, in_channels, tuple(kernel_size), _alpha2d(alpha, num_bases, out_channels),
         None if v is None else v.float().contiguous(), beta.float().contiguous(), tuple(stride),
         tuple(padding), **epilogue)
     if not fused:
@@ -137,7 +162,7 @@ def _call(op, *args, differentiable: bool = True):
 
 @torch.library.custom_op("bitkern::pack_signs", mutates_args=())
 def _pack_signs(x: Tensor) -> Tensor:
-    return dispatch.backend_for(x.device).pack_signs(x.float())
+    return dispatch.backend_for(x.device).pack_signs(_binarizable(x))
 
 
 @_pack_signs.register_fake
@@ -148,8 +173,8 @@ def _(x):
 @torch.library.custom_op("bitkern::binary_conv2d", mutates_args=())
 def _binary_conv2d(x: Tensor, w: Tensor, stride: list[int], padding: list[int]) -> Tensor:
     backend = dispatch.backend_for(x.device)
-    w_packed = backend.pack_signs(w.float().contiguous()).unsqueeze(0)
-    _, pairs = backend.mbn_conv2d_packed(x.float(), w_packed, w.shape[1], tuple(w.shape[2:]), None, None,
+    w_packed = backend.pack_signs(_binarizable(w).contiguous()).unsqueeze(0)
+    _, pairs = backend.mbn_conv2d_packed(_binarizable(x), w_packed, w.shape[1], tuple(w.shape[2:]), None, None,
                                          None, tuple(stride), tuple(padding), want_pairs=True)
     return pairs[0, 0].contiguous(memory_format=torch.channels_last)
 
@@ -165,7 +190,8 @@ def _mbn_pair_counts(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size:
                      v: Optional[Tensor], stride: list[int], padding: list[int]) -> Tensor:
     """Exact per-pair +-1 convolutions, int32 [M, N, B, Co, OH, OW] (used by the alpha/beta gradients)."""
     backend = dispatch.backend_for(x.device)
-    _, pairs = backend.mbn_conv2d_packed(x.float(), w_packed, in_channels, tuple(kernel_size), None,
+    _, pairs = backend.mbn_conv2d_packed(_binarizable(x, v is None), w_packed, in_channels,
+                                         tuple(kernel_size), None,
                                          None if v is None else v.float().contiguous(), None,
                                          tuple(stride), tuple(padding), want_pairs=True)
     return pairs.contiguous()
@@ -245,7 +271,7 @@ def _ste_backward(grad, x, weights, w_packed, in_channels, kernel_size, alpha, v
             grad_v = torch.stack([p.sum() for p in per_base]).to(v.dtype)
 
     if needs_w:
-        acts = activation_bases(xf, v)
+        acts = activation_bases(_binarizable(x, v is None), v)
         act_mix = sum(beta[n] * a for n, a in enumerate(acts))
         grad_weight = torch.nn.grad.conv2d_weight(act_mix, weights.shape[1:], grad, stride, padding)
         grad_w = alpha2d[:, :, None, None, None] * grad_weight.unsqueeze(0)
@@ -277,7 +303,8 @@ def _backward_mbn(ctx, grad):
     weights = torch.where(w_bases >= 0, 1.0, -1.0).float()
     w_packed = None
     if needs_alpha or needs_beta:
-        w_packed = _pack_signs(w_bases.flatten(0, 1).float().contiguous()).unflatten(0, w_bases.shape[:2])
+        w_packed = _pack_signs(_binarizable(w_bases.flatten(0, 1)).contiguous()).unflatten(
+            0, w_bases.shape[:2])
     grads = _ste_backward(grad, x, weights, w_packed, w_bases.shape[2], w_bases.shape[3:], alpha, v, beta,
                           ctx.stride, ctx.padding, needs_x, needs_w, needs_alpha, needs_v, needs_beta,
                           w_bases=w_bases)
@@ -374,7 +401,6 @@ def _check_input(x, in_channels, kernel_size, stride, padding, weight_name):
                          f"got {_checks.describe(x)}")
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got {_checks.describe(x)}")
-    _check_no_nan("x", x)
     _checks.conv_output_size(x.shape, kernel_size, stride, padding)
 
 
@@ -403,6 +429,7 @@ def binary_conv2d(x: Tensor, w: Tensor, stride=1, padding=0) -> Tensor:
     _check_input(x, w.shape[1], w.shape[2:], stride, padding, f"w of shape {tuple(w.shape)}")
     _check_same_device(x, w=w)
     _check_no_nan("w", w)
+    _check_values(x)
     return _call(_binary_conv2d, x, w, list(stride), list(padding), differentiable=False)
 
 
@@ -427,6 +454,7 @@ def mbn_conv2d(x: Tensor, w_bases: Tensor, alpha: Tensor, v: Tensor | None = Non
     _check_alpha(alpha, num_bases, out_channels)
     beta = _check_activation_args(x, v, beta)
     _check_same_device(x, w_bases=w_bases, alpha=alpha, v=v, beta=beta)
+    _check_values(x)
     return _call(_mbn_conv2d, x, w_bases, alpha, v, beta, list(stride), list(padding))
 
 
@@ -447,6 +475,21 @@ def _check_residual(residual, expected_shape):
     if tuple(residual.shape) != tuple(expected_shape):
         raise ValueError(f"residual: expected shape {list(expected_shape)} (the output's [B, Co, OH, OW]), "
                          f"got {_checks.describe(residual)}")
+
+
+
+def _check_values(x, residual=None):
+    """The value checks of x (NaN) and residual (finite), last, in that order: backends with `checks_nan`
+    / `checks_residual` make them inside the kernel after the parameters were checked here, so every
+    backend names the same argument when several are bad."""
+    _check_no_nan("x", x)
+    if residual is None:
+        return
+    # Backends with `checks_residual` detect a non-finite residual in their fused epilogue (no extra
+    # pass) and raise the same error; only a float32 residual reaches them unchanged.
+    backend = dispatch.backend_for(residual.device)
+    if not (getattr(backend, "checks_residual", False) and residual.dtype == torch.float32):
+        _checks.check_finite("residual", residual)
 
 
 def _check_clamp(clamp):
@@ -492,6 +535,7 @@ def mbn_conv2d_packed(x: Tensor, w_packed: Tensor, in_channels: int, kernel_size
     out_size = _out_size(x, kernel_size, stride, padding)
     _check_residual(residual, (x.shape[0], w_packed.shape[1], *out_size))
     _check_same_device(x, w_packed=w_packed, alpha=alpha, v=v, beta=beta, bias=bias, residual=residual)
+    _check_values(x, residual)
     args = (x, w_packed, in_channels, list(kernel_size), alpha, v, beta, list(stride), list(padding), bias,
             clamp)
     return _call(_mbn_conv2d_packed, *args, *(() if residual is None else (residual,)))

@@ -1,6 +1,8 @@
 // Shared declarations of the bitkern CPU engine (no torch headers: raw buffers only).
 #pragma once
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -123,9 +125,12 @@ struct ConvPlan {
   // Fused epilogue, applied once per output element on its last contribution (n == N-1, m == M-1):
   // out = min(max((out + bias[co]) + residual[pix, co], clamp_lo), clamp_hi) (that rounding order).
   // Skipped entirely when epilogue is false.
+  // A NaN sum propagates through the clamp (as torch.clamp); a non-finite residual value (NaN or +-inf)
+  // sets *residual_bad (the caller raises: residuals must be finite), detected as it is read.
   bool epilogue;
   const float* bias;      // [Co] or null (no bias)
   const float* residual;  // [P][Co] (channels_last, like out) or null (no residual)
+  std::atomic<bool>* residual_bad;  // non-null when residual is
   float clamp_lo, clamp_hi;  // -inf / +inf: no clamp on that side
   float* out;             // [P][Co] or null
   int32_t* pairs;         // [M][N][P][Co] or null
@@ -134,8 +139,12 @@ struct ConvPlan {
 // The fused epilogue for one finished output element of channel co (plan.epilogue must be true).
 inline float epilogue_value(const ConvPlan& p, float y, int64_t pix, int64_t co) {
   if (p.bias) y += p.bias[co];
-  if (p.residual) y += p.residual[pix * p.Co + co];
-  return std::min(std::max(y, p.clamp_lo), p.clamp_hi);
+  if (p.residual) {
+    const float r = p.residual[pix * p.Co + co];
+    if (!std::isfinite(r)) p.residual_bad->store(true, std::memory_order_relaxed);
+    y += r;
+  }
+  return std::min(std::max(y, p.clamp_lo), p.clamp_hi);  // keeps a NaN y (std::max / min return arg 1)
 }
 
 // Walks output pixels in order from a start pixel, yielding each one's word offset pix_off (see

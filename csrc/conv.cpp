@@ -159,7 +159,7 @@ bool run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   return nan.load(std::memory_order_relaxed);
 }
 
-bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
+int run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                     const float* alpha, const float* beta, const float* bias, const float* residual,
@@ -191,7 +191,7 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   p.Cop = round_up(Co, p.lane ? 16 : 8), p.MCp = M * p.Cop;
   p.UW = p.lane == 16 ? ceil_div(p.OW, 2) : p.OW;
   p.R = p.lane ? small_block_units(p.UW, p.MCp / 16) : block_rows(isa, p.MCp / 8);
-  if (p.OH <= 0 || p.OW <= 0 || p.P == 0) return false;  // x not read (callers rule this out)
+  if (p.OH <= 0 || p.OW <= 0 || p.P == 0) return 0;  // x not read (callers rule this out)
   const int nt = resolve_threads(threads);
 
   // Scratch: activation planes, transposed weights, tables (one allocation).
@@ -287,10 +287,16 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
   p.out = out, p.pairs = pairs;
   p.bias = bias, p.residual = residual, p.clamp_lo = clamp_lo, p.clamp_hi = clamp_hi;
   p.epilogue = out && (bias || residual || clamp_lo > -INFINITY || clamp_hi < INFINITY);
+  std::atomic<bool> residual_bad{false};
+  p.residual_bad = &residual_bad;
 
   // 2. Pack the activations (all bases) into the zero-padded NHWC bit planes, then 3. the binary GEMM
   //    over pixel blocks (each block owns its output rows: no races).
   std::atomic<bool> x_has_nan{false};
+  const auto flags = [&] {
+    return (x_has_nan.load(std::memory_order_relaxed) ? kXHasNan : 0) |
+           (residual_bad.load(std::memory_order_relaxed) ? kResidualNonFinite : 0);
+  };
   const auto pack = [&](int64_t r0, int64_t r1) {
 #if BK_X86
     if (p.lane) {
@@ -324,18 +330,18 @@ bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
       pack(b0 * p.Hp, b1 * p.Hp);
       gemm(b0 * img_units, b1 * img_units);
     });
-    return x_has_nan.load(std::memory_order_relaxed);
+    return flags();
   }
   parallel_for(rows, rows * row_work < (1 << 16) ? 1 : nt, std::max<int64_t>(1, (1 << 14) / row_work),
                pack);
   // NaN has no sign: the caller raises, so the GEMM is skipped.
-  if (x_has_nan.load(std::memory_order_relaxed)) return true;
+  if (x_has_nan.load(std::memory_order_relaxed)) return kXHasNan;
   // Blocks of R output pixels; the lane engines take whole output rows (their blocks stay in a row).
   const int64_t grain = p.lane ? p.UW : p.R, units = B * p.OH * p.UW, nblk = ceil_div(units, grain);
   const int gemm_threads = work < 2e5 ? 1 : nt;
   parallel_for(nblk, gemm_threads, std::max<int64_t>(1, nblk / (gemm_threads * 16)),
                [&](int64_t b0, int64_t b1) { gemm(b0 * grain, std::min(b1 * grain, units)); });
-  return false;
+  return flags();
 }
 
 }  // namespace bk

@@ -13,9 +13,12 @@ bool run_pack_signs(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, 
 // Multi-base binary conv; see docs/cpu_kernels.md for the layouts. out / pairs may be null.
 // bias ([Co] or null), residual ([B, OH, OW, Co] channels_last or null) and [clamp_lo, clamp_hi]
 // (+-inf: none) are fused into out's epilogue: clamp((sum + bias) + residual).
-// Returns true when x holds a NaN (found while packing activation base 0); then out / pairs hold no
-// result. Returns false without reading x when the output is empty.
-bool run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
+// Returns a bit set of ConvFlags: kXHasNan when x holds a NaN (found while packing activation base 0;
+// then out / pairs hold no result), kResidualNonFinite when residual holds a NaN or +-inf (found by the
+// epilogue as it reads it; out holds the IEEE result). Returns 0 without reading x when the output is
+// empty.
+enum ConvFlags { kXHasNan = 1, kResidualNonFinite = 2 };
+int run_mbn_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last,
                     const uint64_t* w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int mode,
                     const float* v, int64_t N, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                     const float* alpha, const float* beta, const float* bias, const float* residual,

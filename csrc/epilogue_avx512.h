@@ -51,8 +51,17 @@ BK_TARGET_AVX512 inline void store_segment(const ConvPlan& p, const Segment& s, 
   __m512 y = s.first ? f : _mm512_add_ps(f, _mm512_maskz_loadu_ps(s.mask, o));
   if (s.last) {
     if (p.bias) y = _mm512_add_ps(y, s.bias);
-    if (p.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(s.mask, p.residual + pix * p.Co + s.co));
-    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(p.clamp_lo)), _mm512_set1_ps(p.clamp_hi));
+    if (p.residual) {
+      // Masked-off lanes load 0.0. fpclass 0x99: QNaN | SNaN | +inf | -inf.
+      const __m512 r = _mm512_maskz_loadu_ps(s.mask, p.residual + pix * p.Co + s.co);
+      if (_mm512_fpclass_ps_mask(r, 0x99)) p.residual_bad->store(true, std::memory_order_relaxed);
+      y = _mm512_add_ps(y, r);
+    }
+    // vmaxps / vminps return their second operand when one is NaN: put the NaN lanes back, so a NaN
+    // sum stays NaN like the scalar epilogue and torch.clamp (signed zeros unchanged).
+    const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    const __m512 c = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(p.clamp_lo)), _mm512_set1_ps(p.clamp_hi));
+    y = _mm512_mask_mov_ps(c, nan, y);
   }
   _mm512_mask_storeu_ps(o, s.mask, y);
 }

@@ -130,8 +130,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("pairs_ptr"), py::arg("isa"), py::arg("threads"),
       "multi-base binary conv: out float32 [B,OH,OW,Co] (may be 0) = clamp((sum + bias) + residual, "
       "lo, hi) (bias_ptr / residual_ptr [B,OH,OW,Co] may be 0, clamp bounds +-inf for none) and/or "
-      "pairs int32 [M,N,B,OH,OW,Co] (may be 0); returns True when x holds a NaN (then out / pairs hold "
-      "no result); see docs/cpu_kernels.md");
+      "pairs int32 [M,N,B,OH,OW,Co] (may be 0); returns flags: 1 when x holds a NaN (then out / pairs "
+      "hold no result), 2 when residual holds a NaN or +-inf; see docs/cpu_kernels.md");
   m.def("conv_engine", &bk::conv_engine, py::arg("isa"), py::arg("C"), py::arg("KH"), py::arg("KW"),
         py::arg("sw"), "which engine runs such a conv: 'lane16', 'lane32' or 'word'");
   m.def("pooled_empty", &pooled_capsule, py::arg("numel"), py::arg("code"), py::arg("bits"),

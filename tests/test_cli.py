@@ -12,7 +12,7 @@ from bitkern.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = ["--epochs", "1", "--eval-samples", "8", "--restarts", "2", "--no-progress"]
+TINY = ["--epochs", "1", "--eval-samples", "8", "--restarts", "2", "--no-progress", "--eps", "8,16/255"]
 
 
 def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys):
@@ -35,13 +35,18 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys):
     assert [r["spec"] for r in rows] == ["fp", "mbn1x1"] and "pgd50_worst" in rows[0]
     md = (out / "results.md").read_text()
     assert "| Model / Dataset | Method | Weights (bases/bits) | Activations (bases/bits) | BOPS [1e8] |" in md
-    assert md.count("\n| ") == 3  # header + 2 rows (the separator line starts with "|---")
+    assert md.count("\n| ") == 6  # 2 tables: header + 2 rows (the separator line starts with "|---")
     assert "| MBN 1x1 | 1 | 1 |" in md and "| FP | 8 | 8 |" in md
-    for png in ("robust_vs_bops.png", "pgd_vs_iterations.png"):
+    for png in ("robust_vs_bops.png", "pgd_vs_iterations.png", "robust_vs_eps.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    by_eps = list(csv.DictReader((out / "results_by_eps.csv").open()))
+    assert {(r["spec"], r["eps_255"], r["evaluation"]) for r in by_eps} == {
+        (s, e, "PGD-20") for s in ("fp", "mbn1x1") for e in ("8", "16")} | {(s, "16", "PGD-50") for s in ("fp", "mbn1x1")}
+    assert "## Robust accuracy vs eps" in md and res["rows"][0]["table_eps"] == pytest.approx(16 / 255)
     for spec in ("fp", "mbn1x1"):
         cdir = out / "configs" / spec
         for f in ("result.json", "model.safetensors", "model.json", "frozen.safetensors", "robustness.json",
+                  "robustness-eps8.json",
                   "train_log.jsonl", "checkpoint/checkpoint.json"):
             assert (cdir / f).is_file(), f
 
@@ -105,11 +110,60 @@ def test_bops_simulate_bench(capsys):
     (["eval", "/nonexistent/model.safetensors"], "not found"),
     (["bops", "--input-shape", "3,32"], "C,H,W"),
     (["frobnicate"], "frobnicate"),
+    (["sweep", "--eps", "8"], "outside [0, 1]"),
+    (["sweep", "--eps", "2,2/255"], "repeated"),
+    (["sweep", "--alpha", "-1"], "--alpha"),
+    (["sweep", "--recipe", "pgd", "--recipe-arg", "bogus=1"], "bogus"),
+    (["sweep", "--device", "foo"], "foo"),
+    (["sweep", "--device", "cuda:7"], "cuda:7"),
+    (["sweep", "--threads", "100000"], "--threads"),
+    (["sweep", "--suite", "fancy"], "--suite"),
+    (["train", "--recipe", "free", "--recipe-arg", "m=0"], "m must"),
+    (["train", "--device", "tpu"], "tpu"),
+    (["eval", "/nonexistent/model.safetensors", "--eps", "x"], "--eps"),
+    (["bops", "--input-shape", "3,100000,100000"], "too large"),
+    (["bops", "--input-shape", "100000,8,8"], "too large"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, needle, capsys, tmp_path):
     assert main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "sweep" else [])]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_validation_happens_before_any_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["sweep", "--eps", "8", "--out", str(out)]) == 2
+    assert main(["sweep", "--recipe", "pgd", "--recipe-arg", "stepz=3", "--out", str(out)]) == 2
+    assert main(["train", "--recipe-arg", "bogus=1", "--out", str(out)]) == 2
+    assert not out.exists()
+    capsys.readouterr()
+
+
+def test_out_must_be_a_writable_directory(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for argv in (["sweep", "--out", str(a_file)], ["sweep", "--out", str(a_file / "sub")],
+                 ["train", "--out", str(a_file)], ["eval", str(a_file), "--out", str(a_file / "sub" / "r")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and str(a_file) in err, err
+
+
+def test_no_command_prints_usage_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "sweep" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_budget_lists():
+    from bitkern.cli import _budget_list
+
+    assert _budget_list("0,2,4,8,16/255") == pytest.approx([0, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    assert _budget_list("8/255") == pytest.approx([8 / 255])
+    assert _budget_list("0.03,0.01") == pytest.approx([0.01, 0.03])
+    assert _budget_list("1/255,4/255") == pytest.approx([1 / 255, 4 / 255])
 
 
 def test_module_entry_point_subprocess(tmp_path):
@@ -121,3 +175,12 @@ def test_module_entry_point_subprocess(tmp_path):
     p = subprocess.run([sys.executable, "-m", "bitkern", "--help"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert p.returncode == 0 and "sweep" in p.stdout
+
+
+@pytest.mark.parametrize("var, value", [("BITKERN_NUM_THREADS", "99999"), ("BITKERN_OUTPUT_POOL_MB", "abc"),
+                                        ("BITKERN_BACKEND", "gpu"), ("BITKERN_ISA", "neon")])
+def test_bad_environment_is_one_line_before_work(var, value, monkeypatch, capsys):
+    monkeypatch.setenv(var, value)
+    assert main(["bops", "--quant", "xnor"]) == 2
+    err = capsys.readouterr().err
+    assert var in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -62,8 +62,9 @@ def test_idx_roundtrip(tmp_path, gz, name):
     rng = np.random.default_rng(0)
     root = tmp_path / "raw" if name == "fashion-mnist" else tmp_path  # also finds <dir>/raw/
     root.mkdir(exist_ok=True)
-    imgs = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in (("train", 5), ("t10k", 3))}
-    labels = {p: rng.integers(0, 10, len(imgs[p]), dtype=np.uint8) for p in imgs}
+    imgs = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in (("train", 13), ("t10k", 10))}
+    # every split must hold all 10 classes (a subset of the official rows is fine)
+    labels = {p: rng.permutation(np.arange(len(imgs[p])) % 10).astype(np.uint8) for p in imgs}
     for p in imgs:
         _write_idx(root / f"{p}-images-idx3-ubyte", imgs[p], gz)
         _write_idx(root / f"{p}-labels-idx1-ubyte", labels[p], gz)
@@ -102,10 +103,10 @@ def test_idx_bad_magic_truncated_and_mismatch_name_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ CIFAR
-def _cifar_batch(path, n, label_key, num_classes, seed):
+def _cifar_batch(path, n, label_key, num_classes, seed, labels=None):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, n).tolist()
+    labels = rng.integers(0, num_classes, n).tolist() if labels is None else list(labels)
     # protocol 4 like the files numpy users write today; keys as bytes like the official batches
     with open(path, "wb") as f:
         pickle.dump({b"batch_label": b"x", b"data": data, label_key.encode(): labels}, f, protocol=4)
@@ -115,23 +116,24 @@ def _cifar_batch(path, n, label_key, num_classes, seed):
 def test_cifar10_and_cifar100_roundtrip(tmp_path):
     d10 = tmp_path / "cifar-10-batches-py"
     d10.mkdir()
-    parts = [_cifar_batch(d10 / f"data_batch_{i}", 2, "labels", 10, i) for i in range(1, 6)]
-    test = _cifar_batch(d10 / "test_batch", 3, "labels", 10, 9)
+    # each split holds all 10 classes (train across its five batches)
+    parts = [_cifar_batch(d10 / f"data_batch_{i}", 2, "labels", 10, i, [2 * i - 2, 2 * i - 1]) for i in range(1, 6)]
+    test = _cifar_batch(d10 / "test_batch", 11, "labels", 10, 9, [*range(10), 3])
     x, y = load_dataset("cifar10", tmp_path)
     assert x.shape == (10, 3, 32, 32)
     ref = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32).astype(np.float32) / 255
     np.testing.assert_allclose(x.numpy(), ref)
     assert y.tolist() == sum((p[1] for p in parts), [])
     xt, yt = load_dataset("cifar10", d10, "test")  # the batch directory itself works too
-    assert xt.shape == (3, 3, 32, 32) and yt.tolist() == test[1]
+    assert xt.shape == (11, 3, 32, 32) and yt.tolist() == test[1]
 
     d100 = tmp_path / "cifar-100-python"
     d100.mkdir()
-    tr = _cifar_batch(d100 / "train", 4, "fine_labels", 100, 1)
-    _cifar_batch(d100 / "test", 2, "fine_labels", 100, 2)
+    tr = _cifar_batch(d100 / "train", 104, "fine_labels", 100, 1, [*range(100), 7, 8, 9, 99])
+    _cifar_batch(d100 / "test", 100, "fine_labels", 100, 2, range(99, -1, -1))
     x, y = load_dataset("cifar100", tmp_path)
-    assert x.shape == (4, 3, 32, 32) and y.tolist() == tr[1]
-    assert load_dataset("cifar100", tmp_path, "test")[0].shape[0] == 2
+    assert x.shape == (104, 3, 32, 32) and y.tolist() == tr[1]
+    assert load_dataset("cifar100", tmp_path, "test")[0].shape[0] == 100
 
 
 class _Evil:

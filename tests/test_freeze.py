@@ -122,28 +122,33 @@ def test_fused_frozen_resnet20_logits_and_input_grads(spec):
     assert frozen.fc is frozen.net.fc
 
 
-def test_fused_frozen_roundtrip_and_v1_files(tmp_path):
+def test_fused_frozen_roundtrip_unfused_files_and_old_versions(tmp_path):
     from safetensors.torch import load_file, save_file
     model = _with_random_bn(_trained_like("mbn3x1"))
     x = torch.rand(4, 3, 16, 16)
     fused = freeze(model)
     fused.save(tmp_path / "fused.safetensors")
     loaded = load_frozen(tmp_path / "fused.safetensors")
-    assert loaded.meta["fused"] is True and loaded.meta["version"] == 2
+    assert loaded.meta["fused"] is True and loaded.meta["version"] == 3
     with torch.no_grad():
         assert torch.equal(loaded(x), fused(x))
-    # A v1 file (written before folding existed: BN kept, no "fused" key) loads and is fused on load.
+    # An unfused file (BN kept) loads and is fused on load.
     unfused = freeze(model, fuse=False)
-    path = tmp_path / "v1.safetensors"
-    meta = {k: v for k, v in unfused.meta.items() if k != "fused"}
-    meta["version"] = 1
-    save_file(unfused.state_dict(), str(path), metadata={"bitkern": json.dumps(meta)})
-    old = load_frozen(path)
+    unfused.save(tmp_path / "unfused.safetensors")
+    old = load_frozen(tmp_path / "unfused.safetensors")
     assert old.meta["fused"] is True
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in old.modules()) == 1
     with torch.no_grad():
         torch.testing.assert_close(old(x), fused(x), rtol=0, atol=0)
     assert set(load_file(str(tmp_path / "fused.safetensors"))) == set(fused.state_dict())
+    # v1 / v2 files (written before the content hash) carry no hash: refused, with how to re-create them.
+    for version in (1, 2):
+        path = tmp_path / f"v{version}.safetensors"
+        meta = {k: v for k, v in unfused.meta.items() if k != "fused" or version == 2}
+        meta["version"] = version
+        save_file(unfused.state_dict(), str(path), metadata={"bitkern": json.dumps(meta)})
+        with pytest.raises(ValueError, match=f"v{version}.safetensors: frozen format v{version}.*re-create"):
+            load_frozen(path)
 
 
 def test_freeze_fuse_argument_checked():

@@ -7,7 +7,10 @@ Conventions (documented in docs/robustness.md):
 * gradients come from the model's own autograd (for bitkern models: the training STE) unless a
   ``surrogate`` is given (see bitkern.attacks.surrogate);
 * randomness comes from the attack's own CPU ``torch.Generator`` seeded with ``seed``; the global RNG is
-  never touched. The generator is a stream: call ``manual_seed`` to restart it;
+  never touched. The generator is a stream: call ``manual_seed`` to restart it. With
+  ``run(..., example_seeds=s)`` every random draw for example i comes instead from its own counter-based
+  stream keyed by (s[i], restart, draw counter) (bitkern.attacks._rng), so per-example results do not
+  depend on how examples are batched;
 * the step direction is ``torch.sign(grad)`` (a zero gradient does not move the input).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._rng import ExampleRNG, GeneratorRNG, check_example_seeds
 from ._validate import check_inputs, check_int, check_labels_fit
 from .surrogate import Surrogate
 
@@ -33,6 +37,11 @@ class AttackOutput:
     objective:    float [R, B] attack objective at the final iterate of each restart (real model).
     best_restart: long [B] which restart x_adv comes from.
     curves:       bool [R, T+1, B] ``correct`` after 0..T iterations (``record=True`` only), else None.
+    queries:      long [B] model forward calls the attack spent per example, over all restarts (query-based
+                  attacks such as Square; else None).
+    iterations:   long [B] iterations spent per example, summed over restarts: APGD / APGD-T count the
+                  iterations until the first success in each restart (all of them when none), Square the
+                  query iterations run (early stop); examples misclassified at x count 0. Else None.
     """
 
     x_adv: torch.Tensor
@@ -40,6 +49,8 @@ class AttackOutput:
     objective: torch.Tensor
     best_restart: torch.Tensor
     curves: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    iterations: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -107,6 +118,7 @@ class Attack:
         self.restarts = 1
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(self.seed)
+        self._example_rng = None
 
     # ----------------------------------------------------------------- public API
     @property
@@ -129,46 +141,60 @@ class Attack:
         return f"{type(self).__name__}({args})"
 
     def run(self, x: torch.Tensor, y: torch.Tensor, *, restarts: int | None = None, record: bool = False,
-            callback=None) -> AttackOutput:
+            callback=None, example_seeds: torch.Tensor | None = None) -> AttackOutput:
         """Attack a batch; ``y`` are true labels (targets when targeted without ``target_map``).
 
         restarts: independent restarts (default: the attack's own ``restarts``); per example the
             strongest restart is kept: a successful one first, then the highest objective.
         record:   also return correctness after every iteration (accuracy-vs-iteration curves).
         callback: optional ``callback(restart, step, x_t, correct_t)`` after every iteration.
+        example_seeds: optional int64 [B] seeds >= 0. When given, all randomness for example i (random
+            starts, noise, Square's positions and signs; restart r = 0..R-1) derives only from
+            (example_seeds[i], r, draw counter), never from the batch or the attack's generator (which is
+            not advanced): splitting or permuting a batch gives bit-identical per-example results, given a
+            per-example deterministic model. None: the attack's generator stream (batch-dependent).
         """
         x, y = check_inputs(x, y)
+        seeds = check_example_seeds(example_seeds, x.shape[0])
         restarts = self.restarts if restarts is None else check_int(restarts, "restarts", 1)
         device = self._device(x)
         x, y = x.to(device), y.to(device)
+        seeds = None if seeds is None else seeds.to(device)
         true_labels, labels = self._labels(x, y)
 
-        with frozen_state(self._models(), self.model_mode):
-            clean_logits = self._forward_real(x)
-            check_labels_fit(y, clean_logits.shape[1])
-            check_labels_fit(labels, clean_logits.shape[1], "target labels")
-            state = self._prepare(x, labels)
-            advs, corrects, objectives, curves = [], [], [], []
-            for r in range(restarts):
-                track = record or callback is not None
-                x_adv, curve = self._perturb(x, labels, state, track=track,
-                                             on_step=self._step_hook(r, callback, true_labels))
-                x_adv = self._project(x_adv, x).detach()
-                logits = self._forward_real(x_adv)
-                correct = self._correct(logits, true_labels, labels)
-                if track:
-                    curve = (curve or []) + [correct]
-                    if callback is not None:
-                        callback(r, len(curve) - 1, x_adv, correct)
-                advs.append(x_adv)
-                corrects.append(correct)
-                objectives.append(self._objective(logits, labels, state, real=True).detach())
-                if record:
-                    curves.append(torch.stack(curve))
+        try:
+            with frozen_state(self._models(), self.model_mode):
+                clean_logits = self._forward_real(x)
+                check_labels_fit(y, clean_logits.shape[1])
+                check_labels_fit(labels, clean_logits.shape[1], "target labels")
+                state = self._prepare(x, labels)
+                state.setdefault("clean_logits", clean_logits)
+                state.setdefault("true_labels", true_labels)
+                advs, corrects, objectives, curves = [], [], [], []
+                for r in range(restarts):
+                    self._example_rng = None if seeds is None else ExampleRNG(seeds, r)
+                    track = record or callback is not None
+                    x_adv, curve = self._perturb(x, labels, state, track=track,
+                                                 on_step=self._step_hook(r, callback, true_labels))
+                    x_adv = self._project(x_adv, x).detach()
+                    logits = self._forward_real(x_adv)
+                    correct = self._correct(logits, true_labels, labels)
+                    if track:
+                        curve = (curve or []) + [correct]
+                        if callback is not None:
+                            callback(r, len(curve) - 1, x_adv, correct)
+                    advs.append(x_adv)
+                    corrects.append(correct)
+                    objectives.append(self._objective(logits, labels, state, real=True).detach())
+                    if record:
+                        curves.append(torch.stack(curve))
+        finally:
+            self._example_rng = None
         correct, objective = torch.stack(corrects), torch.stack(objectives)
         x_best, best = select_strongest(torch.stack(advs), ~correct, objective)
         return AttackOutput(x_adv=x_best, correct=correct, objective=objective,
-                            best_restart=best, curves=torch.stack(curves) if record else None)
+                            best_restart=best, curves=torch.stack(curves) if record else None,
+                            queries=state.get("queries"), iterations=state.get("iterations"))
 
     # ----------------------------------------------------------------- subclass hooks
     def _perturb(self, x, labels, state, *, track: bool, on_step):
@@ -226,11 +252,26 @@ class Attack:
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
         return x_adv.clamp(0.0, 1.0)
 
+    def _rng(self, batch: int, device):
+        """This restart's random source for a batch: the per-example streams when ``run`` got
+        ``example_seeds``, else the attack's generator (same interface, see bitkern.attacks._rng)."""
+        rng = getattr(self, "_example_rng", None)
+        if rng is not None:
+            if rng.batch != batch:
+                raise RuntimeError(f"per-example RNG holds {rng.batch} examples, asked for {batch}")
+            return rng
+        return GeneratorRNG(self.generator, batch, device)
+
     def _noise_uniform(self, like, low, high):
+        if getattr(self, "_example_rng", None) is not None:
+            u = self._rng(like.shape[0], like.device).uniform(like.shape[1:], dtype=like.dtype)
+            return (u * (high - low) + low).to(like.device)
         u = torch.rand(like.shape, generator=self.generator, dtype=like.dtype)
         return (u * (high - low) + low).to(like.device)
 
     def _noise_normal(self, like):
+        if getattr(self, "_example_rng", None) is not None:
+            return self._rng(like.shape[0], like.device).normal(like.shape[1:], dtype=like.dtype).to(like.device)
         return torch.randn(like.shape, generator=self.generator, dtype=like.dtype).to(like.device)
 
     def _input_grad(self, x_t, labels, state):
@@ -256,10 +297,11 @@ class Attack:
         return grad.detach(), real_logits
 
     def _step_hook(self, restart, callback, true_labels):
-        def hook(step, x_t, logits, labels):
-            if logits is None:
-                logits = self._forward_real(x_t)
-            correct = self._correct(logits, true_labels, labels)
+        def hook(step, x_t, logits, labels, correct=None):
+            if correct is None:
+                if logits is None:
+                    logits = self._forward_real(x_t)
+                correct = self._correct(logits, true_labels, labels)
             if callback is not None:
                 callback(restart, step, x_t, correct)
             return correct

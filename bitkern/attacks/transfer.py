@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import torch
 
+from ._rng import check_example_seeds, restart_seeds
 from ._validate import check_int
 from .base import Attack, AttackOutput, frozen_state, select_strongest
 
@@ -55,9 +56,12 @@ class Transfer(Attack):
         self.inner.manual_seed(seed)
         return self
 
-    def run(self, x, y, *, restarts=None, record=False, callback=None):
+    def run(self, x, y, *, restarts=None, record=False, callback=None, example_seeds=None):
         restarts = self.restarts if restarts is None else check_int(restarts, "restarts", 1)
-        outs = [self.inner.run(x, y, restarts=1, record=record, callback=callback) for _ in range(restarts)]
+        seeds = check_example_seeds(example_seeds, x.shape[0])
+        outs = [self.inner.run(x, y, restarts=1, record=record, callback=callback,
+                               example_seeds=None if seeds is None else restart_seeds(seeds, r))
+                for r in range(restarts)]
         advs = torch.stack([o.x_adv for o in outs])
         source_correct = torch.cat([o.correct for o in outs])
         objective = torch.cat([o.objective for o in outs])

@@ -5,17 +5,18 @@ the outputs with torch and passes `data_ptr()`s. Importing it never fails: when 
 loaded, `backend.available` is False and `backend.reason` says why.
 
 ISA: env BITKERN_ISA=avx512|avx2|scalar (read at every call) or set_isa(name); default the best one.
-Threads: env BITKERN_NUM_THREADS (read at every call), else torch.get_num_threads().
+Threads: env BITKERN_NUM_THREADS (1..256, read at every call), else torch.get_num_threads().
 Outputs of 256 KiB and more come from the engine's retaining pool (see `output_pool_limit`).
+Environment values are validated by bitkern.dispatch (env_isa, env_num_threads, env_output_pool_mb);
+a bad one never makes this module fail to import (that would silently switch ops to the torch backend).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from bitkern import _checks
+from bitkern import _checks, dispatch
 
 try:
     from bitkern import _C
@@ -52,24 +53,18 @@ def current_isa() -> str:
     """The ISA the next call will use."""
     if _isa_override is not None:
         return _isa_override
-    env = os.environ.get("BITKERN_ISA")
+    env = dispatch.env_isa()
     if env:
-        return _validate_isa(env.strip().lower(), "BITKERN_ISA")
+        return _validate_isa(env, "BITKERN_ISA")
     return backend.isa_supported()[0]
 
 
 def num_threads() -> int:
-    """Threads the next call will use: BITKERN_NUM_THREADS, else torch.get_num_threads()."""
-    env = os.environ.get("BITKERN_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"BITKERN_NUM_THREADS: expected a positive integer, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"BITKERN_NUM_THREADS: expected a positive integer, got {env!r}")
-        return n
-    return max(1, torch.get_num_threads())
+    """Threads the next call will use: BITKERN_NUM_THREADS (1..256), else torch.get_num_threads()."""
+    env = dispatch.env_num_threads()
+    if env is not None:
+        return env
+    return max(1, min(torch.get_num_threads(), dispatch.MAX_NUM_THREADS))
 
 
 # Output pool: large outputs are blocks the engine keeps mapped between calls (handed over by DLPack),
@@ -131,6 +126,12 @@ def _raise_nan(x: torch.Tensor) -> None:
     raise ValueError(f"x: contains NaN ({_checks.describe(x)}); binarization needs ordered values")
 
 
+def _raise_residual(residual: torch.Tensor) -> None:
+    """The kernel's epilogue reports a NaN / +-inf residual; same text as bitkern._checks.check_finite."""
+    raise ValueError(f"residual: contains NaN or Inf ({_checks.describe(residual)}); expected finite "
+                     "values (in float32)")
+
+
 def _activation_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """x itself when NCHW- or channels_last-contiguous (no copy), else an NCHW-contiguous copy."""
     if x.is_contiguous():
@@ -146,6 +147,9 @@ class CppBackend:
     # pack_signs / mbn_conv2d_packed raise ValueError for NaN in x, detected while packing x (no separate
     # pass), so bitkern.ops skips its own NaN scan of x (weights are still scanned there).
     checks_nan = True
+    # mbn_conv2d_packed raises ValueError for a NaN / +-inf residual, detected by the fused epilogue as it
+    # reads the residual (no extra pass), so bitkern.ops skips its own scan of a float32 residual.
+    checks_residual = True
 
     def __init__(self):
         self.available = _C is not None
@@ -254,6 +258,7 @@ class CppBackend:
             if tuple(residual.shape) != (batch, out_ch, oh, ow):
                 raise ValueError(f"residual: expected shape {(batch, out_ch, oh, ow)} = [B, Co, OH, OW], "
                                  f"got {tuple(residual.shape)}")
+            given_residual = residual
             residual = residual.contiguous(memory_format=torch.channels_last)
         given = x
         x, channels_last = _activation_layout(x)
@@ -265,7 +270,7 @@ class CppBackend:
             pairs = _empty((num_w, num_a, batch, oh, ow, out_ch), torch.int32).permute(
                 0, 1, 2, 5, 3, 4)
         if batch * out_ch * oh * ow and (out is not None or pairs is not None):
-            x_has_nan = _C.mbn_conv2d(
+            flags = _C.mbn_conv2d(
                 x.data_ptr(), batch, channels, height, width, channels_last, w_packed.data_ptr(),
                 num_w, out_ch, kh, kw, mode, v.data_ptr() if v is not None else 0, num_a, sh, sw, ph, pw,
                 alpha2d.data_ptr() if alpha2d is not None else 0, beta.data_ptr() if beta is not None else 0,
@@ -274,8 +279,10 @@ class CppBackend:
                 clamp_lo, clamp_hi,
                 out.data_ptr() if out is not None else 0,
                 pairs.data_ptr() if pairs is not None else 0, current_isa(), num_threads())
-            if x_has_nan:
+            if flags & 1:
                 _raise_nan(given)
+            if flags & 2:
+                _raise_residual(given_residual)
             return out, pairs
         if x.numel() and self.has_nan(x):  # the kernel did not run (nothing to compute), so scan here
             _raise_nan(given)
@@ -284,6 +291,8 @@ class CppBackend:
             if bias is not None:
                 out.add_(bias.reshape(1, -1, 1, 1))
             if residual is not None:
+                if not bool(torch.isfinite(residual).all()):
+                    _raise_residual(given_residual)
                 out.add_(residual)
             if clamp is not None:
                 out.clamp_(clamp_lo, clamp_hi)
@@ -294,16 +303,13 @@ backend = CppBackend()
 
 
 def _pool_limit_from_env() -> None:
-    env = os.environ.get("BITKERN_OUTPUT_POOL_MB")
-    if not env or _C is None:
-        return
-    try:
-        megabytes = float(env)
-    except ValueError:
-        megabytes = -1.0
-    if not megabytes >= 0:
-        raise ValueError(f"BITKERN_OUTPUT_POOL_MB: expected a number of MiB >= 0, got {env!r}")
-    output_pool_limit(megabytes)
+    """Apply BITKERN_OUTPUT_POOL_MB (ValueError for a bad value)."""
+    megabytes = dispatch.env_output_pool_mb()
+    if megabytes is not None and _C is not None:
+        output_pool_limit(megabytes)
 
 
-_pool_limit_from_env()
+try:
+    _pool_limit_from_env()
+except ValueError:
+    pass  # never fail the import: every op (bitkern.dispatch.backend_for) raises this error instead

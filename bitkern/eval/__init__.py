@@ -1,10 +1,12 @@
-"""Robustness evaluation: clean/adversarial accuracy, step-size sweeps, sanity report.
+"""Robustness evaluation: clean/adversarial accuracy, the standard suite, step-size sweeps, sanity report.
 
 See docs/robustness.md for the JSON schema and conventions.
 """
 from .result import SCHEMA, RobustnessResult
 from .robustness import robustness
 from .sanity import sanity_report
+from .suite import SuiteResult, example_seeds, standard_attacks, standard_suite
 from .sweep import plot_sweep, step_size_sweep
 
-__all__ = ["SCHEMA", "RobustnessResult", "plot_sweep", "robustness", "sanity_report", "step_size_sweep"]
+__all__ = ["SCHEMA", "RobustnessResult", "SuiteResult", "example_seeds", "plot_sweep", "robustness",
+           "sanity_report", "standard_attacks", "standard_suite", "step_size_sweep"]

@@ -45,5 +45,19 @@ def iter_batches(data, batch_size: int, device):
         yield xb.to(device), yb.to(device)
 
 
+def take(data, indices, device):
+    """Validated (x, y) of the examples at ``indices`` (in that order) on ``device``."""
+    indices = [int(i) for i in indices]
+    if _is_pair(data):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        xb, yb = data[0][idx], data[1][idx]
+    else:
+        items = [data[i] for i in indices]
+        xb = torch.stack([torch.as_tensor(item[0]) for item in items])
+        yb = torch.as_tensor([int(item[1]) for item in items])
+    xb, yb = check_inputs(xb, yb, "data images", "data labels")
+    return xb.to(device), yb.to(device)
+
+
 def num_batches(data, batch_size: int) -> int:
     return -(-data_size(data) // batch_size)

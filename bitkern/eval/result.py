@@ -51,6 +51,7 @@ class RobustnessResult:
     extras: dict = field(default_factory=dict)   # per attack: max_linf, inconsistent, ...
     sanity: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
+    suite: object = None                         # bitkern.eval.suite.SuiteResult when a suite ran
 
     @property
     def n_examples(self) -> int:
@@ -84,6 +85,7 @@ class RobustnessResult:
             "config": self.config,
             "clean": {"acc": self.clean_acc, "n_correct": int(self.clean_correct.sum())},
             "attacks": self.attacks,
+            "suite": None if self.suite is None else self.suite.to_dict(),
             "sanity": self.sanity,
             "timing": self.timing,
         }
@@ -108,6 +110,8 @@ class RobustnessResult:
                          f"{s['runs']} | {s['mean']:.2f} ± {s['std']:.2f} | {s['worst']:.2f} |")
         lines += ["", "mean ± std: accuracy per run averaged over runs (papers' convention); worst case: an "
                   "example counts as robust only if it survives every run (Madry / AutoAttack convention)."]
+        if self.suite is not None:
+            lines += ["", self.suite.to_markdown()]
         lines += ["", sanity_markdown(self.sanity)]
         return "\n".join(lines) + "\n"
 
@@ -120,6 +124,8 @@ class RobustnessResult:
         for i, (name, correct) in enumerate(self.correct.items()):
             arrays[f"attack{i}_correct"] = correct
         index = {f"attack{i}": name for i, name in enumerate(self.correct)}
+        if self.suite is not None:
+            arrays.update(self.suite.arrays())
         data = self.to_dict()
         data["arrays"] = {"file": os.path.basename(stem) + ".npz", "attacks": index}
         paths = {"json": atomic_write_text(stem + ".json", json.dumps(data, indent=2) + "\n"),
@@ -150,7 +156,13 @@ class RobustnessResult:
                          "inconsistent": sum(x.get("inconsistent", 0) for x in e)}
         sanity = {"passed": all(r.sanity.get("passed") is not False for r in results),
                   "shards": [r.sanity for r in results]}
+        suites = [r.suite for r in results]
+        if any(s is None for s in suites) and not all(s is None for s in suites):
+            raise ValueError("combine: either every shard ran the suite or none did")
+        from .suite import SuiteResult
+
         return RobustnessResult(
+            suite=None if suites[0] is None else SuiteResult.combine(suites),
             model=results[0].model, config=results[0].config,
             clean_correct=np.concatenate([r.clean_correct for r in results]),
             correct={k: np.concatenate([r.correct[k] for r in results], axis=1) for k in names},
@@ -183,4 +195,6 @@ def _fmt(v):
         return f"{v:.4g}"
     if isinstance(v, list):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
     return str(v)

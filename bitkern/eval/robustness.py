@@ -14,11 +14,12 @@ from ..attacks.base import frozen_state
 from ._data import iter_batches, num_batches
 from .result import RobustnessResult
 from .sanity import check, curve_check, ordering_check, sanity_report
+from .suite import masking_verdict, standard_suite
 
 BUDGET_SLACK = 1e-6  # float32 rounding of x +/- eps
 
 
-def _named_attacks(attacks) -> dict:
+def _named_attacks(attacks, allow_empty: bool = False) -> dict:
     if isinstance(attacks, Attack):
         attacks = [attacks]
     if isinstance(attacks, dict):
@@ -36,8 +37,8 @@ def _named_attacks(attacks) -> dict:
         while key in named:
             key, i = f"{name}#{i}", i + 1
         named[key] = atk
-    if not named:
-        raise ValueError("attacks is empty: give at least one attack")
+    if not named and not allow_empty:
+        raise ValueError("attacks is empty: give at least one attack (or a suite)")
     return named
 
 
@@ -59,9 +60,9 @@ def _main_attack(named):
     return (exact or white or [None])[0]
 
 
-def robustness(model, data, attacks, restarts=5, batch_size=256, device="cpu", progress=True,
+def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu", progress=True,
                record_iterations=False, seed=0, *, sanity=True, sanity_examples=256, bops=None,
-               tol_pp=1.0) -> RobustnessResult:
+               tol_pp=1.0, suite=None, eps=None, suite_options=None) -> RobustnessResult:
     """Clean accuracy and, per attack, accuracy under attack (in %).
 
     Stochastic attacks (random start, noise) run ``restarts`` times with independent seeds; the
@@ -70,12 +71,17 @@ def robustness(model, data, attacks, restarts=5, batch_size=256, device="cpu", p
     ``data``: torch Dataset of (image, label) or an (x, y) tensor pair, images in [0, 1].
     record_iterations: accuracy after every iteration of gradient attacks (curves in the result).
     sanity: run the computed sanity report on the first ``sanity_examples`` examples.
+    suite: "standard" also runs bitkern.eval.standard_suite (APGD-CE -> APGD-T -> Square, worst case)
+        at ``eps`` (default: the main PGD attack's budget) with ``suite_options`` (e.g. square_queries);
+        its verdicts land in ``result.suite`` and its gradient-masking flag in the sanity report.
     """
+    if suite not in (None, "standard"):
+        raise ValueError(f"suite must be None or 'standard', got {suite!r}")
     restarts = check_int(restarts, "restarts", 1)
     batch_size = check_int(batch_size, "batch_size", 1)
     seed = check_int(seed, "seed", 0)
     device = torch.device(device)
-    named = _named_attacks(attacks)
+    named = _named_attacks(attacks, allow_empty=suite is not None)
     for name, atk in named.items():
         if not isinstance(atk, Transfer) and atk.model is not model:
             raise ValueError(f"attack {name!r} was built for a different model; evaluate it on that "
@@ -140,6 +146,13 @@ def robustness(model, data, attacks, restarts=5, batch_size=256, device="cpu", p
         bar.close()
 
     main = _main_attack(named)
+    suite_result = None
+    if suite is not None:
+        suite_eps = eps if eps is not None else (main.eps if main else None)
+        if suite_eps is None:
+            raise ValueError("suite: give eps= (no PGD attack to take the budget from)")
+        suite_result = standard_suite(model, data, suite_eps, seed=seed, batch_size=batch_size, device=device,
+                                      progress=progress, **(suite_options or {}))
     config = {"restarts": restarts, "seed": seed, "batch_size": batch_size, "device": str(device),
               "bops": bops, "record_iterations": record_iterations,
               "eps": main.eps if main else None, "alpha": getattr(main, "alpha", None),
@@ -147,12 +160,24 @@ def robustness(model, data, attacks, restarts=5, batch_size=256, device="cpu", p
     result = RobustnessResult(
         model=_model_info(model), config=config, clean_correct=np.concatenate(clean),
         correct={k: np.stack([np.concatenate(run) for run in v]) for k, v in correct.items()},
-        params={k: a.params() for k, a in named.items()}, curve_counts=curves, extras=extras)
+        params={k: a.params() for k, a in named.items()}, curve_counts=curves, extras=extras,
+        suite=suite_result)
+    if suite_result is not None:
+        whitebox = [c.all(axis=0) for k, c in result.correct.items() if named[k].uses_gradients]
+        robust_all = np.logical_and.reduce(whitebox) if whitebox else None
+        suite_result.masking = masking_verdict(suite_result, robust_all)
     result.timing = {"seconds": time.perf_counter() - t0}
     if sanity:
         t1 = time.perf_counter()
         result.sanity = _sanity(model, named, result, main, torch.cat(subset_x), torch.cat(subset_y),
                                 restarts, seed, tol_pp)
+        if suite_result is not None:
+            m = suite_result.masking
+            result.sanity["checks"].append(check("gradient_free_vs_whitebox", m["verdict"] != "gradient masking "
+                                                 "suspected", {"count": m["count"], "fraction": m["fraction"]},
+                                                 m["message"]))
+            result.sanity["passed"] = all(c["passed"] is not False for c in result.sanity["checks"])
+            result.sanity["violations"] = [c["name"] for c in result.sanity["checks"] if c["passed"] is False]
         result.timing["sanity_seconds"] = time.perf_counter() - t1
     return result
 

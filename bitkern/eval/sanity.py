@@ -14,6 +14,9 @@ from ..attacks.base import frozen_state
 MAX_ZERO_GRAD_EXAMPLES = 0.05   # fraction of examples whose whole input gradient is exactly 0
 MAX_ZERO_GRAD_ELEMENTS = 0.50   # fraction of input gradient elements exactly 0
 LARGE_EPS_MAX_ACC = 5.0         # accuracy (%) PGD must reach at a huge budget
+# PGD++ (Gupta & Ajanthan, AAAI 2022): logits / T before the loss. T < 1 sharpens a flat softmax, T > 1
+# un-saturates one whose cross-entropy gradient vanished (the usual failure of binary networks).
+PGD_TEMPERATURES = (0.1, 10.0, 100.0)
 
 
 def check(name, passed, numbers=None, message=""):
@@ -41,6 +44,57 @@ def zero_gradient_check(model, x, y):
                  {"zero_element_fraction": elem, "zero_example_fraction": examples},
                  "" if passed else "input gradients are (mostly) exactly zero: gradient masking; "
                  "attack with a surrogate (BPDA) before trusting the numbers")
+
+
+def layer_zero_gradients(model, x, y) -> dict:
+    """Fraction of exactly-zero loss gradient at the input of each leaf layer, grouped by layer class.
+
+    Binary layers pass gradient only inside their STE window; a class near 1.0 is where the signal dies.
+    """
+    saved, hooks = [], []
+
+    def keep_input(module, inputs):
+        t = inputs[0] if inputs else None
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.retain_grad()
+            saved.append((type(module).__name__, t))
+
+    for module in model.modules():
+        if next(module.children(), None) is None:
+            hooks.append(module.register_forward_pre_hook(keep_input))
+    try:
+        with frozen_state([model]), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            loss = F.cross_entropy(model(xg), y, reduction="sum")
+            if loss.requires_grad:
+                loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    zeros, totals = {}, {}
+    for name, t in saved:
+        g = t.grad if t.grad is not None else torch.zeros_like(t)
+        zeros[name] = zeros.get(name, 0) + int((g == 0).sum())
+        totals[name] = totals.get(name, 0) + g.numel()
+    return {name: zeros[name] / totals[name] for name in sorted(totals)}
+
+
+def temperature_check(model, x, y, *, eps, alpha, steps, seed, temperatures=PGD_TEMPERATURES, tol_pp=1.0):
+    """PGD vs PGD++ (temperature-scaled logits): a large gap means the plain CE gradient was masked."""
+    n = int(x.shape[0])
+    base = float(_pgd(model, x, y, eps, alpha, steps, seed).correct.float().mean() * 100)
+    accs = {}
+    for t in temperatures:
+        atk = PGD(model, eps, alpha, steps, random_start=True, seed=seed, temperature=float(t))
+        accs[f"T={t:g}"] = float(atk.run(x, y).correct.float().mean() * 100)
+    best = min(accs.values())
+    gap = base - best
+    tol = tolerance_pp(n, tol_pp)
+    return check("pgd_vs_pgd_plus_plus", gap <= tol,
+                 {"pgd_acc": base, **{f"pgd++_{k}_acc": v for k, v in accs.items()}, "gap_pp": gap,
+                  "tolerance_pp": tol},
+                 "" if gap <= tol else f"temperature-scaled PGD is {gap:.1f} pp stronger than PGD: the plain "
+                 "gradient is masked (saturated softmax or STE); trust the stronger numbers")
 
 
 def curve_check(name, mean_curve, worst_curve, n, tol_pp):
@@ -75,15 +129,20 @@ def _pgd(model, x, y, eps, alpha, steps, seed, restarts=1, record=False):
 
 
 def sanity_report(model, x, y, *, eps, alpha, steps, restarts=2, seed=0, transfer=None,
-                  eps_factors=(1, 4, 16), large_eps=0.5, tol_pp=1.0) -> dict:
+                  eps_factors=(1, 4, 16), large_eps=0.5, tol_pp=1.0, masking=True) -> dict:
     """Run the computed checks on (x, y) (a subset: this costs ~ (restarts + 5) PGD runs).
 
     eps/alpha/steps: the main PGD threat model. transfer: optional Transfer attack (white-box must be
-    at least as strong). Returns {"passed", "n_examples", "checks": [...]}.
+    at least as strong). masking: also PGD vs PGD++ (temperature-scaled logits) and the zero-gradient
+    fraction per layer class. Returns {"passed", "n_examples", "checks": [...]}.
     """
     n = int(x.shape[0])
     checks = [zero_gradient_check(model, x, y)]
     steps = max(int(steps), 1)
+    if masking:
+        checks[0]["numbers"]["per_layer_class"] = layer_zero_gradients(model, x, y)
+        checks.append(temperature_check(model, x, y, eps=eps, alpha=alpha, steps=steps, seed=seed,
+                                        tol_pp=tol_pp))
 
     out = _pgd(model, x, y, eps, alpha, steps, seed, restarts=restarts, record=True)
     curves = out.curves.float()                                   # [R, T+1, N]
