@@ -40,13 +40,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    finally:
-        os.close(fd)
+    os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # after the writer: some (safetensors' save_file) replace the file with a new private one
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:  # flush the writer's data to disk before the rename
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

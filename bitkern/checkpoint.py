@@ -5,18 +5,26 @@ A checkpoint directory holds
 * ``checkpoint-NNNNNN.safetensors``: model state (``model/<name>``), optimizer state tensors
   (``optim/<param index>/<key>``), the torch CPU RNG state (``rng/torch``, uint8) and extra tensors
   (``extra/<name>``, e.g. a recipe's persistent perturbation). Its header ``__metadata__`` holds
-  ``bitkern: "checkpoint"`` and ``bitkern_sha256``, the content hash of bitkern.model_files;
-* ``checkpoint.json``: the commit marker, written last. It holds ``format_version`` (2), the weights file
+  ``bitkern: "checkpoint"``, ``bitkern_format_version: "3"``, ``bitkern_state`` (the whole training state
+  below as canonical JSON: sorted keys, no spaces) and ``bitkern_sha256``, the content hash of
+  bitkern.model_files, which covers every metadata entry, so the training state is hashed too;
+* ``checkpoint.json``: the commit marker, written last. It holds ``format_version`` (3), the weights file
   name (a plain name inside the directory), ``weights_sha256`` (sha256 of the whole weights file) and
-  ``content_sha256`` (= the header's ``bitkern_sha256``), arch, quant spec, recipe + args, epoch, step,
-  optimizer param groups and non-tensor state, numpy / python RNG states, metrics.
+  ``content_sha256`` (= the header's ``bitkern_sha256``), plus a readable copy of the training state: arch,
+  quant spec, num_classes, in_channels, run config (recipe + args, ...), epoch, step, history, optimizer
+  param groups and non-tensor state, numpy / python RNG states, metrics. Loading requires that copy to
+  equal ``bitkern_state`` (compared as canonical JSON, so ``1``, ``1.0`` and ``true`` differ): an edit of
+  checkpoint.json alone is refused, and the state used is the hashed one.
 
 Both are written atomically (temp file + os.replace). Because the weights file name carries a serial and
 old files are deleted only after the JSON points to the new one, a crash at any moment leaves a consistent
 (weights, JSON) pair on disk. Loading checks the JSON fields (types and ranges), the weights path, both
 hashes, every tensor's name / dtype / shape against the model and optimizer given, and finite floats, all
-before anything is loaded into the model. Version-1 checkpoints (no content hash) are accepted: their
-``weights_sha256`` over the whole file verifies them.
+before anything is loaded into the model; with a model given, its arch / quant / num_classes /
+in_channels must equal the checkpoint's, and optimizer param groups must hold the keys of the optimizer
+given, with values in range (lr >= 0, momentum / dampening in [0, 1], betas in [0, 1), eps > 0, ...).
+Checkpoints of format versions 1 and 2 (training state not hashed) are refused with a message saying how
+to restart; they only ever hold the state of an unfinished run.
 
 Single-file model weights (``save_model`` / ``load_model``): a safetensors file whose header holds
 ``bitkern: "model"``, ``bitkern_format_version: "2"``, ``meta`` (the model description as JSON) and
@@ -32,6 +40,7 @@ inconsistent files) with one line naming the file.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -44,6 +53,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_write_json
+from .model_files import _loads  # JSON without duplicate keys
 from .model_files import (CheckpointError, ModelFileError, check_entries, check_model_meta, contained_file,
                           expected_state, is_sha256, load_verified, read_header, read_json, spec_of_module,
                           write_safetensors)
@@ -65,7 +75,9 @@ __all__ = [
     "MODEL_FORMAT_VERSION",
 ]
 
-FORMAT_VERSION = 2        # checkpoints; v1 (no content hash) still loads, verified by weights_sha256
+FORMAT_VERSION = 3        # checkpoints; 3: training state hashed in the header. 1 and 2 are refused
+_OLD_FORMATS = (1, 2)
+STATE_KEY = "bitkern_state"
 MODEL_FORMAT_VERSION = 2  # save_model files; v1 (no content hash) likewise
 JSON_NAME = "checkpoint.json"
 _MAX_COUNT = 10 ** 12     # epochs / steps
@@ -107,6 +119,35 @@ def _is_number(v) -> bool:
 
 def _bad(where, msg: str) -> ModelFileError:
     return ModelFileError(f"{where}: {msg}")
+
+
+def _canonical(obj) -> str:
+    """Canonical JSON text (sorted keys, no spaces, ASCII, no NaN): equal text <=> equal JSON values."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _diff_paths(a, b, path: str = "", out: list[str] | None = None, limit: int = 5) -> list[str]:
+    """Where two JSON values differ (as canonical JSON), e.g. ``optimizer.param_groups[0].betas``."""
+    out = [] if out is None else out
+    if len(out) >= limit:
+        return out
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                out.append(sub + (" (removed)" if k not in b else " (added)"))
+            else:
+                _diff_paths(a[k], b[k], sub, out, limit)
+            if len(out) >= limit:
+                break
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff_paths(x, y, f"{path}[{i}]", out, limit)
+            if len(out) >= limit:
+                break
+    elif _canonical(a) != _canonical(b):
+        out.append(path or "<root>")
+    return out
 
 
 # -------------------------------------------------------------------------------------------- RNG
@@ -184,6 +225,11 @@ def _check_optimizer_json(where, meta) -> None:
         for key, val in g.items():
             if key != "params":
                 _check_json_scalar(where, f"optimizer param_groups[{i}].{key}", val)
+                _check_group_value(where, f"optimizer param_groups[{i}].{key}", key, val)
+        if g.get("nesterov") is True and not (_is_number(g.get("momentum")) and g["momentum"] > 0
+                                              and g.get("dampening", 0) == 0):
+            raise _bad(where, f"optimizer param_groups[{i}]: nesterov needs momentum > 0 and dampening 0, "
+                              f"got momentum {g.get('momentum')!r:.40}, dampening {g.get('dampening')!r:.40}")
     scalars = meta.get("scalars", {})
     if not isinstance(scalars, dict):
         raise _bad(where, "optimizer scalars must be an object")
@@ -192,6 +238,34 @@ def _check_optimizer_json(where, meta) -> None:
             raise _bad(where, f"optimizer scalars key {idx!r} is not the index of a parameter")
         for key, val in kv.items():
             _check_json_scalar(where, f"optimizer scalars[{idx}].{key}", val)
+            if key == "step" and not (_is_number(val) and 0 <= val <= _MAX_COUNT):
+                raise _bad(where, f"optimizer scalars[{idx}].step must be a number in [0, {_MAX_COUNT}], "
+                                  f"got {val!r:.40}")
+
+
+_UNIT = lambda v: 0 <= v <= 1  # noqa: E731
+# param-group hyper-parameters of torch's optimizers: (check, what it must be)
+_GROUP_RANGES: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "initial_lr": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "momentum": (lambda v: _is_number(v) and _UNIT(v), "a number in [0, 1]"),
+    "dampening": (lambda v: _is_number(v) and _UNIT(v), "a number in [0, 1]"),
+    "alpha": (lambda v: _is_number(v) and _UNIT(v), "a number in [0, 1]"),
+    "betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+              and all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "eps": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    **{k: (lambda v: isinstance(v, bool), "true or false")
+       for k in ("nesterov", "maximize", "amsgrad", "capturable", "differentiable", "decoupled_weight_decay",
+                 "centered")},
+    **{k: (lambda v: v is None or isinstance(v, bool), "true, false or null") for k in ("foreach", "fused")},
+}
+
+
+def _check_group_value(where, what: str, key: str, val) -> None:
+    check = _GROUP_RANGES.get(key)
+    if check is not None and not check[0](val):
+        raise _bad(where, f"{what} must be {check[1]}, got {val!r:.60}")
 
 
 def _optimizer_params(opt: torch.optim.Optimizer, meta: dict, where) -> dict[int, torch.Tensor]:
@@ -207,6 +281,11 @@ def _optimizer_params(opt: torch.optim.Optimizer, meta: dict, where) -> dict[int
         if len(sg["params"]) != len(cg["params"]):
             raise CheckpointError(f"{where}: optimizer param_groups[{i}] has {len(sg['params'])} parameters, "
                                   f"the optimizer {len(cg['params'])}")
+        unknown, missing = sorted(set(sg) - set(cg)), sorted(set(cg) - set(sg))
+        if unknown or missing:
+            raise CheckpointError(f"{where}: optimizer param_groups[{i}] does not fit {type(opt).__name__}: "
+                                  + ", ".join(([f"unknown key(s) {unknown}"] if unknown else [])
+                                              + ([f"missing key(s) {missing}"] if missing else [])))
         for key, val in sg.items():
             if (key == "params" or key not in cg or val is None or cg[key] is None
                     or isinstance(cg[key], torch.Tensor)):
@@ -283,12 +362,17 @@ def _check_state(where, state, *, loading: bool) -> None:
         raise _bad(where, f"checkpoint JSON is not an object (got {type(state).__name__})")
     if loading:
         fv = state.get("format_version")
-        if not _is_int(fv) or fv not in (1, FORMAT_VERSION) or not isinstance(state.get("weights"), str):
-            raise _bad(where, f"not a bitkern checkpoint (format_version {fv!r:.40}, expected 1 or "
+        if _is_int(fv) and fv in _OLD_FORMATS:
+            raise _bad(where, f"checkpoint format_version {fv} was written by an older bitkern and its "
+                              f"training state is not hashed, so it cannot be resumed safely; start the run "
+                              f"again without --resume in a new --out directory (or delete "
+                              f"{Path(where).parent})")
+        if not _is_int(fv) or fv != FORMAT_VERSION or not isinstance(state.get("weights"), str):
+            raise _bad(where, f"not a bitkern checkpoint (format_version {fv!r:.40}, expected "
                               f"{FORMAT_VERSION}, and a weights file name)")
         if not is_sha256(state.get("weights_sha256")):
             raise _bad(where, "has no valid weights_sha256 (64 hex digits); refusing unverified weights")
-        if fv >= 2 and not is_sha256(state.get("content_sha256")):
+        if not is_sha256(state.get("content_sha256")):
             raise _bad(where, "has no valid content_sha256 (64 hex digits); refusing unverified weights")
     for key in ("epoch", "step"):
         if key in state:
@@ -300,13 +384,13 @@ def _check_state(where, state, *, loading: bool) -> None:
                                    and all(isinstance(r, dict) for r in state["history"])):
         raise _bad(where, "history must be a list of objects")
     if "config" in state:  # written by bitkern.train.fit: epoch, step and history belong to it
-        for key in ("epoch", "step"):
+        for key in ("epoch", "step", "history"):
             if key not in state:
                 raise _bad(where, f"training checkpoint lacks {key}")
         run_epochs = state["config"].get("run_epochs")
         if _is_int(run_epochs) and state["epoch"] > run_epochs:
             raise _bad(where, f"epoch {state['epoch']} exceeds the run's {run_epochs} epochs")
-        if "history" in state and len(state["history"]) != state["epoch"]:
+        if len(state["history"]) != state["epoch"]:
             raise _bad(where, f"history has {len(state['history'])} rows for epoch {state['epoch']}")
     if "optimizer" in state:
         _check_optimizer_json(where, state["optimizer"])
@@ -314,6 +398,33 @@ def _check_state(where, state, *, loading: bool) -> None:
         _check_rng_json(where, state["rng"])
     check_model_meta(where, {k: state[k] for k in ("arch", "quant", "num_classes", "in_channels") if k in state},
                      required=(), known=False)
+
+
+_MODEL_KEYS = ("arch", "quant", "num_classes", "in_channels")
+
+
+def _norm_model_value(key: str, v):
+    if key == "arch" and isinstance(v, str):
+        return v.strip().lower()
+    if key == "quant" and isinstance(v, str):
+        from .models import parse_quant
+        try:
+            return str(parse_quant(v))
+        except (ValueError, TypeError):
+            return v
+    return v if _is_int(v) or isinstance(v, str) else repr(v)
+
+
+def _check_model_identity(where, state: dict, model: torch.nn.Module, what: str = "checkpoint") -> None:
+    """arch / quant / num_classes / in_channels of the checkpoint equal those of ``model``."""
+    have = model_meta(model)
+    for key in _MODEL_KEYS:
+        saved, cur = state.get(key), have.get(key)
+        if saved is None and cur is None:
+            continue
+        if saved is None or cur is None or _norm_model_value(key, saved) != _norm_model_value(key, cur):
+            raise CheckpointError(f"{where}: {what} {key} is {saved!r:.60}, but the model being "
+                                  f"{'resumed' if what == 'checkpoint' else 'saved'} has {key} {cur!r:.60}")
 
 
 _TENSOR_NAME = re.compile(r"model/.+|optim/(0|[1-9][0-9]{0,9})/[A-Za-z0-9_.]+|rng/torch|extra/.+")
@@ -329,8 +440,13 @@ def save_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module,
                     tensors: dict[str, torch.Tensor] | None = None, rng: bool = True) -> Path:
     """Write model / optimizer / RNG / extra tensors + JSON state; returns the JSON path."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = dict(state or {})
+    clash = [k for k in _RESERVED if k in state]
+    if clash:
+        raise ValueError(f"state: keys {clash} are reserved for the checkpoint format")
+    state = {**model_meta(model), **state}  # what defines the model is always recorded
+    _check_model_identity(directory / JSON_NAME, state, model, what="state")
+    directory.mkdir(parents=True, exist_ok=True)
     out: dict[str, torch.Tensor] = {f"model/{k}": _plain(v) for k, v in model.state_dict().items()}
     if optimizer is not None:
         otensors, ometa = _optimizer_split(optimizer)
@@ -344,6 +460,11 @@ def save_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module,
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"extra tensor {k!r} must be a torch.Tensor, got {type(v).__name__}")
         out[f"extra/{k}"] = _plain(v)
+    try:
+        text = _canonical(state)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"state: cannot be stored as JSON ({e})") from None
+    state = json.loads(text)  # exactly what loading will see (tuples -> lists)
     _check_state(directory / JSON_NAME, state, loading=False)  # never write what loading would refuse
 
     # a fresh file name per save: the JSON keeps pointing at the previous, intact file until replaced
@@ -351,7 +472,9 @@ def save_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module,
     serial = 1 + max((int(p.stem.split("-")[-1]) for p in existing if p.stem.split("-")[-1].isdigit()),
                      default=0)
     wname = f"checkpoint-{serial:06d}.safetensors"
-    digest = write_safetensors(directory / wname, out, {"format": "pt", "bitkern": "checkpoint"})
+    digest = write_safetensors(directory / wname, out, {"format": "pt", "bitkern": "checkpoint",
+                                                        "bitkern_format_version": str(FORMAT_VERSION),
+                                                        STATE_KEY: text})
     state.update({"format_version": FORMAT_VERSION, "weights": wname,
                   "weights_sha256": _sha256(directory / wname), "content_sha256": digest})
     json_path = directory / JSON_NAME
@@ -379,13 +502,24 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module | No
     if not wpath.is_file():
         raise CheckpointError(f"{json_path} names {wpath.name}, which is missing")
     header = read_header(wpath)
-    fv = state["format_version"]
-    if fv >= 2:
-        if header.metadata.get("bitkern") != "checkpoint":
-            raise _bad(wpath, "is not a bitkern checkpoint weights file (header bitkern != 'checkpoint')")
-        if header.metadata.get("bitkern_sha256") != state["content_sha256"]:
-            raise _bad(wpath, f"content hash in its header does not match {json_path.name} "
-                              f"(corrupt or mixed checkpoint)")
+    md = header.metadata
+    if md.get("bitkern") != "checkpoint" or md.get("bitkern_format_version") != str(FORMAT_VERSION):
+        raise _bad(wpath, f"is not a bitkern checkpoint weights file of format {FORMAT_VERSION} (header "
+                          f"bitkern / bitkern_format_version)")
+    if md.get("bitkern_sha256") != state["content_sha256"]:
+        raise _bad(wpath, f"content hash in its header does not match {json_path.name} "
+                          f"(corrupt or mixed checkpoint)")
+    try:
+        hstate = _loads(md.get(STATE_KEY, "null"))
+    except (ValueError, RecursionError):
+        hstate = None
+    if not isinstance(hstate, dict):
+        raise _bad(wpath, f"header has no training state ({STATE_KEY} is missing or not a JSON object)")
+    jstate = {k: v for k, v in state.items() if k not in _RESERVED}
+    if _canonical(jstate) != _canonical(hstate):
+        raise _bad(json_path, f"training state differs from the hashed copy in {wpath.name} at "
+                              f"{', '.join(_diff_paths(hstate, jstate))} (edited or mixed checkpoint); refusing it")
+    state = {**hstate, **{k: state[k] for k in _RESERVED}}  # the hashed state (equal to the JSON's)
     bad = sorted(n for n in header.entries if not _TENSOR_NAME.fullmatch(n))
     if bad:
         raise _bad(wpath, f"unexpected tensor name(s) {bad[:3]} (expected model/, optim/<index>/, rng/torch, "
@@ -396,6 +530,7 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module | No
         raise _bad(wpath, f"tensor 'rng/torch' is {rng_entry.dtype_name} {list(rng_entry.shape)}, expected U8 "
                           f"{list(torch.get_rng_state().shape)}")
     if model is not None:
+        _check_model_identity(json_path, state, model)
         expected = {f"model/{k}": v for k, v in spec_of_module(model).items()}
         check_entries(header, expected, strict=strict, only=[n for n in header.entries if n.startswith("model/")])
     optim_entries = {n: e for n, e in header.entries.items() if n.startswith("optim/")}
@@ -406,7 +541,7 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module | No
             raise CheckpointError(f"{json_path}: checkpoint has no optimizer state")
         params = _optimizer_params(optimizer, state["optimizer"], json_path)
         _check_optimizer_tensors(wpath, optim_entries, params)
-    tensors = load_verified(header, whole_sha256=state["weights_sha256"], require_hash=fv >= 2)
+    tensors = load_verified(header, whole_sha256=state["weights_sha256"], require_hash=True)
 
     # everything checked: now change the caller's objects
     backup = None
@@ -514,8 +649,9 @@ def _header_meta(path: Path, header, side: dict) -> dict[str, Any]:
     if not isinstance(hmeta, dict):
         raise _bad(path, "model description (meta) in the header is not a JSON object")
     smeta = {k: v for k, v in side.items() if k not in _RESERVED}
-    if smeta != hmeta:
-        diff = sorted(k for k in set(smeta) | set(hmeta) if smeta.get(k, ...) != hmeta.get(k, ...))
+    if _canonical(smeta) != _canonical(hmeta):  # as JSON text: 1, 1.0 and true differ
+        diff = sorted(k for k in set(smeta) | set(hmeta)
+                      if k not in smeta or k not in hmeta or _canonical(smeta[k]) != _canonical(hmeta[k]))
         raise _bad(path, f"description in {_meta_path(path).name} differs from its header in {diff[:5]}")
     return hmeta
 

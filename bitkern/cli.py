@@ -107,6 +107,13 @@ def _device(text: str) -> str:
     return str(dev)
 
 
+def _nonneg_number(text: str) -> float:
+    v = _number(text)
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
 def _csv(text: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
@@ -200,7 +207,7 @@ def _add_train_args(p, epochs_default_help):
     p.add_argument("--batch-size", type=_pos_int, default=None)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=None)
     p.add_argument("--lr", type=_pos_number, default=None)
-    p.add_argument("--weight-decay", type=_number, default=None)
+    p.add_argument("--weight-decay", type=_nonneg_number, default=None)
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: the recipe's")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (default: on for CIFAR / image folders)")
@@ -283,9 +290,12 @@ def _setup_threads(args) -> None:
         torch.set_num_threads(threads)
 
 
-def _check_out_dir(path: str, flag: str) -> None:
-    """The output directory is a directory (or can be created) and this user can write there."""
+def _check_out_dir(path: str, flag: str, resume: bool = False) -> None:
+    """The output directory is a directory (or can be created) and this user can write there; with
+    --resume it must exist (a mistyped --out would otherwise silently start a fresh run)."""
     p = Path(path).expanduser()
+    if resume and not p.is_dir():
+        raise UsageError(f"--resume: nothing to resume in {flag} {path} (no such directory)")
     if p.exists() and not p.is_dir():
         raise UsageError(f"{flag} {path}: exists and is not a directory")
     existing = p
@@ -304,7 +314,7 @@ def _progress(args):
 def cmd_sweep(args) -> int:
     from .sweep import DEFAULT_SPECS, SweepConfig, run_sweep
 
-    _check_out_dir(args.out, "--out")
+    _check_out_dir(args.out, "--out", resume=args.resume)
     _setup_threads(args)
     cfg = SweepConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
                       specs=tuple(args.specs or DEFAULT_SPECS), recipe=args.recipe,
@@ -327,7 +337,7 @@ def cmd_train(args) -> int:
     from .sweep import defaults_for
     from .train import evaluate_accuracy, fit
 
-    _check_out_dir(args.out, "--out")
+    _check_out_dir(args.out, "--out", resume=args.resume)
     _setup_threads(args)
     parse_quant(args.quant)
     from .train import make_recipe
@@ -509,9 +519,8 @@ def main(argv: list[str] | None = None) -> int:
 
         parser = build_parser()
         if not argv:
-            parser.print_usage(sys.stderr)
-            raise UsageError(f"{PROG}: choose a command: {', '.join(COMMANDS)} (the study: {PROG} sweep; "
-                             f"help: {PROG} --help)")
+            raise UsageError(f"usage: {PROG} COMMAND ...: choose a command: {', '.join(COMMANDS)} (the study: "
+                             f"{PROG} sweep; help: {PROG} --help)")
         args = parser.parse_args(argv)
         if args.command is None:
             raise UsageError(f"{PROG}: choose a command: {', '.join(COMMANDS)}")
@@ -522,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {e}" if not str(e).startswith(PROG) else f"{e}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        # bad values caught by the library's own argument checks (e.g. an unknown quant spec)
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:
+        # bad values caught by the library's own checks, files the OS refuses (name too long, read-only,
+        # disk full), a diverged training run (FloatingPointError names the epoch and the loss)
         if debug:
             raise
         print(f"{PROG}: error: {e}", file=sys.stderr)

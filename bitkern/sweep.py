@@ -187,6 +187,8 @@ def _validate(cfg: SweepConfig) -> None:
         v = getattr(cfg, key)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise SweepError(f"{key} must be a number > 0, got {v!r}")
+    if not (isinstance(cfg.weight_decay, (int, float)) and math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise SweepError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay!r}")
     for key in ("train_eps", "eval_alpha"):
         v = getattr(cfg, key)
         if v is not None and v > 1:

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,3 +189,97 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     fit(net(), (x, y), epochs=2, batch_size=4, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ckpt.CheckpointError, match="configuration differs"):
         fit(net(), (x, y), epochs=2, batch_size=5, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+# ------------------------------------------------------------------- tampered training state on resume
+def _fit_bitkern(ckdir, optimizer="sgd", quant="mbn3x1", arch="resnet20"):
+    from bitkern.models import create
+    from bitkern.train import fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 1, 8, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+    torch.manual_seed(0)
+    model = create(arch, quant, num_classes=3, in_channels=1)
+    return fit(model, (x, y), epochs=1, batch_size=6, optimizer=optimizer, lr=0.01, checkpoint_dir=ckdir,
+               resume=True, progress=False, meta={"arch": arch, "quant": quant, "dataset": "toy"})
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    for opt in ("sgd", "adam"):
+        _fit_bitkern(base / opt, opt)
+    return base
+
+
+def _rewrite_hashed_state(d, edit):
+    """Apply edit to the hashed state in the weights header too and recompute every hash (a consistent
+    forgery, or a file written by a bug): only the checks behind the hash can object."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from bitkern import model_files as mf
+
+    state = json.loads((d / "checkpoint.json").read_text())
+    w = d / state["weights"]
+    tensors = load_file(str(w))
+    with safe_open(str(w), framework="pt") as f:
+        md = dict(f.metadata())
+    hs = json.loads(md[ckpt.STATE_KEY])
+    edit(hs)
+    md[ckpt.STATE_KEY] = json.dumps(hs, sort_keys=True, separators=(",", ":"))
+    md.pop(mf.HASH_KEY)
+    md[mf.HASH_KEY] = mf.content_sha256(tensors, md)
+    save_file(tensors, str(w), metadata=md)
+    edit(state)
+    state.update(weights_sha256=ckpt._sha256(w), content_sha256=md[mf.HASH_KEY])
+    (d / "checkpoint.json").write_text(json.dumps(state))
+
+
+def _group(s):
+    return s["optimizer"]["param_groups"][0]
+
+
+_EDITS = {
+    "quant": ("sgd", lambda s: s.update(quant="fp"), "quant"),
+    "arch": ("sgd", lambda s: s.update(arch="resnet32"), "arch"),
+    "num_classes": ("sgd", lambda s: s.update(num_classes=4), "num_classes"),
+    "betas": ("adam", lambda s: _group(s).update(betas=[5, 5]), "betas"),
+    "lr": ("sgd", lambda s: _group(s).update(lr=-1.0), "lr"),
+    "momentum": ("sgd", lambda s: _group(s).update(momentum=7), "momentum"),
+    "momentum_in_range": ("sgd", lambda s: _group(s).update(momentum=0.5), "momentum"),
+    "extra_field": ("sgd", lambda s: s.update(evil=1), "evil"),
+    "extra_group_key": ("sgd", lambda s: _group(s).update(evil=1), "evil"),
+    "removed_field": ("sgd", lambda s: s.pop("history"), "history"),
+    "epoch": ("sgd", lambda s: s.update(epoch=0, history=[]), "epoch|history"),
+}
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["json_only", "rehashed"])
+@pytest.mark.parametrize("case", sorted(_EDITS))
+def test_resume_refuses_a_tampered_training_state(finished_runs, tmp_path, case, hashed):
+    """The hostile-user probe: copy a finished run, edit checkpoint.json (and, rehashed, the state in the
+    weights header), resume: CheckpointError naming the file, and nothing trains."""
+    opt, edit, field = _EDITS[case]
+    if hashed and case in ("extra_field", "epoch"):
+        pytest.skip("a consistently hashed, valid state: nothing to refuse beyond the config checks")
+    d = tmp_path / "ck"
+    shutil.copytree(finished_runs / opt, d)
+    if hashed:
+        _rewrite_hashed_state(d, edit)
+    else:
+        state = json.loads((d / "checkpoint.json").read_text())
+        edit(state)
+        (d / "checkpoint.json").write_text(json.dumps(state, indent=2))
+    with pytest.raises(ckpt.CheckpointError, match=field) as info:
+        _fit_bitkern(d, opt)
+    assert "checkpoint.json" in str(info.value) and "\n" not in str(info.value), info.value
+
+
+def test_resume_of_a_finished_run_is_a_no_op(finished_runs, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(finished_runs / "sgd", d)
+    before = (d / "checkpoint.json").read_text()
+    res = _fit_bitkern(d)
+    assert res.resumed_from == 1 and (d / "checkpoint.json").read_text() == before
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint quant is 'mbn3x1'"):
+        _fit_bitkern(d, quant="fp")

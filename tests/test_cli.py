@@ -123,6 +123,14 @@ def test_bops_simulate_bench(capsys):
     (["eval", "/nonexistent/model.safetensors", "--eps", "x"], "--eps"),
     (["bops", "--input-shape", "3,100000,100000"], "too large"),
     (["bops", "--input-shape", "100000,8,8"], "too large"),
+    (["sweep", "--weight-decay=-1"], "--weight-decay"),
+    (["sweep", "--recipe", "pgd", "--recipe-arg", "eps=5"], "eps must"),
+    (["sweep", "--recipe", "odgq", "--recipe-arg", "eps_l=2"], "eps_l must"),
+    (["sweep", "--recipe", "pgd", "--recipe-arg", "alpha=0"], "alpha must"),
+    (["sweep", "--recipe", "fastat", "--recipe-arg", "alpha_factor=1e308"], "alpha_factor must"),
+    (["sweep", "--recipe", "free", "--recipe-arg", "m=100000"], "m must"),
+    (["sweep", "--resume"], "nothing to resume"),
+    (["train", "--resume", "--out", "/nonexistent/run"], "nothing to resume"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, needle, capsys, tmp_path):
     assert main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "sweep" else [])]) == 2
@@ -137,6 +145,12 @@ def test_validation_happens_before_any_work(tmp_path, capsys):
     assert main(["train", "--recipe-arg", "bogus=1", "--out", str(out)]) == 2
     assert not out.exists()
     capsys.readouterr()
+
+
+def test_os_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--epochs", "1", "--no-progress", "--out", str(tmp_path / ("a" * 300))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "too long" in err, err
 
 
 def test_out_must_be_a_writable_directory(tmp_path, capsys):

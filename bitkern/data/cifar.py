@@ -136,18 +136,23 @@ class _GuardedArray(np.ndarray):
         shape, dtype, fortran, raw = state
         dims = _shape(shape, "array shape")
         dtype = _as_dtype(dtype)
-        need = _nbytes(dims, dtype.itemsize)
-        limit = getattr(self, "_bk_limit", None) or byte_limit()
-        if need > limit:
-            raise pickle.UnpicklingError(f"array of shape {dims} ({dtype}) would need {fmt_bytes(need)}, more "
-                                         f"than the {fmt_bytes(limit)} ceiling")
-        raw = _raw(raw, "array data")
-        if len(raw) != need:
-            raise pickle.UnpicklingError(f"array of shape {dims} ({dtype}) needs {need} data bytes, "
-                                         f"the pickle holds {len(raw)}")
+        raw = _array_bytes(dims, dtype, raw, getattr(self, "_bk_limit", None) or byte_limit(), "array data")
         if not isinstance(fortran, (bool, int, np.bool_)):
             raise pickle.UnpicklingError("malformed numpy array state (fortran flag)")
         super().__setstate__((1, dims, dtype, bool(fortran), bytes(raw)))
+
+
+def _array_bytes(dims, dtype, raw, limit: int, what: str):
+    """The raw bytes of an array of shape dims, checked against the ceiling before and its size after."""
+    need = _nbytes(dims, dtype.itemsize)
+    if need > limit:
+        raise pickle.UnpicklingError(f"array of shape {dims} ({dtype}) would need {fmt_bytes(need)}, more "
+                                     f"than the {fmt_bytes(limit)} ceiling")
+    raw = _raw(raw, what)
+    if len(raw) != need:
+        raise pickle.UnpicklingError(f"array of shape {dims} ({dtype}) needs {need} data bytes, "
+                                     f"the pickle holds {len(raw)}")
+    return raw
 
 
 def _make_reconstruct(limit: int):
@@ -175,14 +180,7 @@ def _make_frombuffer(limit: int):
     def _frombuffer(buf, dtype, shape, order):  # protocol 5 (numpy._core.numeric._frombuffer)
         dims = _shape(shape, "array shape")
         dtype = _as_dtype(dtype)
-        need = _nbytes(dims, dtype.itemsize)
-        if need > limit:
-            raise pickle.UnpicklingError(f"array of shape {dims} ({dtype}) would need {fmt_bytes(need)}, more "
-                                         f"than the {fmt_bytes(limit)} ceiling")
-        raw = _raw(buf, "array buffer")
-        if len(raw) != need:
-            raise pickle.UnpicklingError(f"array of shape {dims} ({dtype}) needs {need} data bytes, "
-                                         f"the pickle holds {len(raw)}")
+        raw = _array_bytes(dims, dtype, buf, limit, "array buffer")
         order = _str(order, "array order")
         if order not in ("C", "F"):
             raise pickle.UnpicklingError(f"bad array order {order!r}")

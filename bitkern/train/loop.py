@@ -159,7 +159,15 @@ def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epoch
     state = {"step": 0, "history": []}
     start_epoch, resumed_from = 0, None
     if checkpoint_dir is not None and resume and ckpt.has_checkpoint(checkpoint_dir):
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                      for g in opt.param_groups]
         c = ckpt.load_checkpoint(checkpoint_dir, model=model, optimizer=opt, rng=True)
+        for i, (want, g) in enumerate(zip(configured, opt.param_groups)):
+            bad = sorted(k for k, v in want.items() if json.dumps(g.get(k)) != json.dumps(v))
+            if bad:  # the schedule sets lr; every other hyper-parameter comes from the run configuration
+                raise ckpt.CheckpointError(
+                    f"{c.path}: optimizer param_groups[{i}] {bad} = {[g.get(k) for k in bad]} differ from the "
+                    f"run configuration's {[want[k] for k in bad]}; cannot resume")
         saved = c.state.get("config", {})
         diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
         if diff:

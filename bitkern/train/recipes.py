@@ -64,7 +64,7 @@ class Recipe:
         if unknown:
             accepted = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "unknown")]
             raise ValueError(f"recipe {self.name!r}: unknown argument(s) {sorted(unknown)}; accepted: {accepted}")
-        self.eps = _check_nonneg("eps", eps)
+        self.eps = _check_budget("eps", eps)
         self.generator = torch.Generator()
 
     # ---- configuration -------------------------------------------------------------------------
@@ -105,15 +105,26 @@ class Recipe:
         return ((2.0 * u - 1.0) * eps).to(like.device)
 
 
-def _check_nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+def _check_nonneg(name: str, value, maximum: float = math.inf, positive: bool = False) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or (positive and value == 0) or value > maximum):
+        bound = "> 0" if positive else ">= 0"
+        bound += "" if maximum == math.inf else f" and <= {maximum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
+def _check_budget(name: str, value, positive: bool = False) -> float:
+    """A perturbation size in input units: inputs are [0, 1] images, so at most 1 (8/255, not 8)."""
+    return _check_nonneg(name, value, maximum=1.0, positive=positive)
+
+
+MAX_INNER_STEPS = 1000  # attack steps / replays / perturbation slots per batch: beyond is a typo, not a plan
+
+
 def _check_posint(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INNER_STEPS:
+        raise ValueError(f"{name} must be an int in 1..{MAX_INNER_STEPS}, got {value!r}")
     return value
 
 
@@ -129,7 +140,7 @@ class FastAT(Recipe):
     default_schedule = "cyclic"
 
     def __init__(self, eps: float = DEFAULT_EPS, alpha_factor: float = 1.25, **unknown):
-        self.alpha_factor = _check_nonneg("alpha_factor", alpha_factor)
+        self.alpha_factor = _check_nonneg("alpha_factor", alpha_factor, maximum=10.0, positive=True)
         super().__init__(eps, **unknown)
         self.last_delta: torch.Tensor | None = None  # for tests / inspection
 
@@ -158,7 +169,7 @@ class PGDAT(Recipe):
     def __init__(self, eps: float = DEFAULT_EPS, steps: int = 7, alpha: float | None = None, **unknown):
         self.steps = _check_posint("steps", steps)
         super().__init__(eps, **unknown)
-        self.alpha = self.eps / 4 if alpha is None else _check_nonneg("alpha", alpha)
+        self.alpha = self.eps / 4 if alpha is None else _check_budget("alpha", alpha, positive=True)
 
     def args(self):
         return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha}
@@ -338,7 +349,7 @@ class ODGQ(Recipe):
         self.n_k = _check_posint("n_k", n_k)
         self.lam = _check_nonneg("lam", lam)
         super().__init__(eps, **unknown)
-        self.eps_l = self.eps / 2 if eps_l is None else _check_nonneg("eps_l", eps_l)
+        self.eps_l = self.eps / 2 if eps_l is None else _check_budget("eps_l", eps_l, positive=True)
         self.P: torch.Tensor | None = None
         self.k = 0
         self.last_x_adv: torch.Tensor | None = None  # for tests / inspection
