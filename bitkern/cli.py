@@ -71,6 +71,13 @@ def _budget(text: str) -> float:
     return v
 
 
+def _pos_budget(text: str) -> float:
+    v = _budget(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
 def _budget_list(text: str) -> list[float]:
     """'2/255', '0,2,4,8,16/255' (a trailing /D applies to every item without one), '0.01,0.03'."""
     items = _csv(text)
@@ -149,6 +156,8 @@ def _recipe_args(pairs: list[str] | None) -> dict:
             raise UsageError(f"--recipe-arg expects key=value, got {pair!r}")
         key, val = pair.split("=", 1)
         key, val = key.strip(), val.strip()
+        if key == "eps":
+            raise UsageError("--recipe-arg eps: the training budget is set with --train-eps")
         if val.lower() in ("true", "false"):
             out[key] = val.lower() == "true"
             continue
@@ -201,7 +210,7 @@ def _add_train_args(p, epochs_default_help):
     p.add_argument("--recipe-arg", action="append", metavar="KEY=VALUE",
                    help="recipe argument, repeatable (pgd/bim: steps, alpha; free: m; dq: beta; "
                         "odgq: n_k, lam, eps_l; fastat: alpha_factor)")
-    p.add_argument("--train-eps", type=_pos_number, default=8 / 255,
+    p.add_argument("--train-eps", type=_pos_budget, default=8 / 255,
                    help="perturbation budget of adversarial recipes (default 8/255)")
     p.add_argument("--epochs", type=_pos_int, default=None, help=epochs_default_help)
     p.add_argument("--batch-size", type=_pos_int, default=None)
