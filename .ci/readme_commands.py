@@ -1,4 +1,5 @@
-"""Print the commands of README.md's first ```bash block, one per line, comments stripped."""
+"""Print the commands of README.md's first ```bash block, one per line, comments stripped (.ci/run checks
+that they are the commands it runs)."""
 import sys
 
 lines, inside = [], False

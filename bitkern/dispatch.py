@@ -96,8 +96,7 @@ def _check_kernel_environment() -> None:
     """Validate KERNEL_ENV_VARS; cheap when they have not changed since the last successful check."""
     global _env_ok_key
     environ = os.environ
-    key = (environ.get("BITKERN_BACKEND"), environ.get("BITKERN_ISA"), environ.get("BITKERN_NUM_THREADS"),
-           environ.get("BITKERN_OUTPUT_POOL_MB"))
+    key = tuple(environ.get(name) for name in KERNEL_ENV_VARS)
     if key == _env_ok_key:
         return
     env_backend()

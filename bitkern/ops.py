@@ -477,7 +477,6 @@ def _check_residual(residual, expected_shape):
                          f"got {_checks.describe(residual)}")
 
 
-
 def _check_values(x, residual=None):
     """The value checks of x (NaN) and residual (finite), last, in that order: backends with `checks_nan`
     / `checks_residual` make them inside the kernel after the parameters were checked here, so every

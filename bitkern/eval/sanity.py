@@ -85,8 +85,8 @@ def temperature_check(model, x, y, *, eps, alpha, steps, seed, temperatures=PGD_
     base = float(_pgd(model, x, y, eps, alpha, steps, seed).correct.float().mean() * 100)
     accs = {}
     for t in temperatures:
-        atk = PGD(model, eps, alpha, steps, random_start=True, seed=seed, temperature=float(t))
-        accs[f"T={t:g}"] = float(atk.run(x, y).correct.float().mean() * 100)
+        out = _pgd(model, x, y, eps, alpha, steps, seed, temperature=float(t))
+        accs[f"T={t:g}"] = float(out.correct.float().mean() * 100)
     best = min(accs.values())
     gap = base - best
     tol = tolerance_pp(n, tol_pp)
@@ -123,8 +123,8 @@ def _accuracy(model, x_adv, y):
         return float((model(x_adv).argmax(1) == y).float().mean() * 100.0)
 
 
-def _pgd(model, x, y, eps, alpha, steps, seed, restarts=1, record=False):
-    atk = PGD(model, eps, alpha, steps, random_start=True, seed=seed)
+def _pgd(model, x, y, eps, alpha, steps, seed, restarts=1, record=False, temperature=1.0):
+    atk = PGD(model, eps, alpha, steps, random_start=True, seed=seed, temperature=temperature)
     return atk.run(x, y, restarts=restarts, record=record)
 
 
