@@ -10,7 +10,10 @@ import sys
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-cpu_sources = sorted(glob.glob("csrc/*.cpp"))
+# csrc/cpu: the pybind11 module, then one folder per layer (common: plan, selection, driver; scalar /
+# avx2 / avx512: the ISA kernels). csrc/cpu/reference and csrc/cpu/tests are test-only (not built here).
+CPU_DIRS = ("common", "scalar", "avx2", "avx512")
+cpu_sources = ["csrc/cpu/module.cpp"] + [src for d in CPU_DIRS for src in sorted(glob.glob(f"csrc/cpu/{d}/*.cpp"))]
 ext_modules = [
     Pybind11Extension(
         "bitkern._C",

@@ -8,25 +8,18 @@
 import importlib
 
 from . import dispatch, ops  # noqa: F401
-from .dispatch import backends_status, set_backend  # noqa: F401
+from .dispatch import backend_report, backends_status, set_backend  # noqa: F401
 # Imported eagerly so that the name bitkern.freeze is the function, not its module.
 from .freeze import freeze, load_frozen  # noqa: F401
 
 __version__ = "0.1.0"
 
 # Heavier subpackages load on first use (bitkern.attacks, bitkern.eval, ...).
-_LAZY_SUBMODULES = ("attacks", "bitserial", "bops", "checkpoint", "data", "eval", "models", "nn", "train")
+_LAZY_SUBMODULES = ("attacks", "bitserial", "bops", "checkpoint", "data", "eval", "models", "nn", "quant",
+                    "study", "train")
 
 
 def __getattr__(name):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'bitkern' has no attribute {name!r}")
-
-
-def backend_report() -> str:
-    """One line per backend: available or not, and why."""
-    lines = []
-    for name, (ok, reason) in backends_status().items():
-        lines.append(f"{name:7s} {'available' if ok else 'unavailable'}{'' if ok else ': ' + reason}")
-    return "\n".join(lines)

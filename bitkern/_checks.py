@@ -1,6 +1,8 @@
 """Argument validation with errors that name the argument, what was received and what was expected."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -62,3 +64,22 @@ def conv_output_size(x_shape, kernel_size, stride, padding, x_name="x") -> tuple
             f"kernel {kh}x{kw} is larger than the padded input of {x_name} "
             f"({height}+2*{ph})x({width}+2*{pw}) (input shape {tuple(x_shape)})")
     return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+
+
+def module_device(model: torch.nn.Module, default=None) -> torch.device | None:
+    """The device of a model's first parameter, else of its first buffer, else `default`."""
+    for tensors in (model.parameters(), model.buffers()):
+        first = next(iter(tensors), None)
+        if first is not None:
+            return first.device
+    return None if default is None else torch.device(default)
+
+
+def is_int(value) -> bool:
+    """A true integer (bool is not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_in(value, lo: int | None = None, hi: int | None = None) -> bool:
+    """is_int(value) and lo <= value <= hi (a missing bound is no bound)."""
+    return is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)

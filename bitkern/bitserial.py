@@ -13,7 +13,8 @@ operand when only one side is serial) per cycle. A fixed-point MAC needs w_bits 
 operands are serial ("both", Loom), w_bits steps ("weights") or a_bits ("activations") otherwise. An MBN
 M x N layer is M * N independent binary convolutions (1 step per MAC each) that run in parallel on the
 lanes: no bit-to-bit data dependency, so its serial chain per product is 1 step (paper Sec. 3.1).
-Full-precision layers (first conv, last fc) are modelled at 8 x 8 bits as in the BOPS count.
+Full-precision layers (first conv, last fc) are modelled at 8 x 8 bits as in the BOPS count. Which case a
+layer is, its Precision says (``arithmetic``: "binary" for M x N 1-bit bases, else bit-serial).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import torch
 from torch.nn import functional as F
 
 from . import ops
-from ._checks import pair
+from ._checks import int_in, pair
 from .bops import profile
+from .nn.precision import Precision
 
 SERIAL_MODES = ("both", "weights", "activations")
 
@@ -49,7 +51,7 @@ def _check_int_tensor(name: str, t, bits: int, signed: bool) -> torch.Tensor:
 
 
 def _check_bits(name: str, bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+    if not int_in(bits, 1, 8):
         raise ValueError(f"{name}: expected an int number of bits in 1..8, got {bits!r}")
     return bits
 
@@ -123,24 +125,35 @@ class Accelerator:
     def __post_init__(self):
         for name in ("pes", "lanes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not int_in(value, 1):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if not self.clock_hz > 0:
             raise ValueError(f"clock_hz: expected a positive frequency, got {self.clock_hz!r}")
         if self.serial not in SERIAL_MODES:
             raise ValueError(f"serial: expected one of {SERIAL_MODES}, got {self.serial!r}")
 
-    def serial_steps(self, kind: str, w_bits: int, a_bits: int) -> int:
-        """Dependent serial steps per product (per base pair for MBN)."""
-        if kind in ("mbn", "xnor"):
+    def serial_steps(self, precision, w_bits: int | None = None, a_bits: int | None = None) -> int:
+        """Dependent serial steps per product (per base pair for binary layers) of a layer of `precision`
+        (a bitkern.nn.Precision; the older call serial_steps(kind, w_bits, a_bits) still works)."""
+        p = _as_precision(precision, w_bits, a_bits)
+        if p.binary:
             return 1
-        return {"both": w_bits * a_bits, "weights": w_bits, "activations": a_bits}[self.serial]
+        return {"both": p.w_bits * p.a_bits, "weights": p.w_bits, "activations": p.a_bits}[self.serial]
 
-    def lane_steps(self, kind: str, macs: int, w_bits: int, a_bits: int) -> int:
-        """Total lane-steps of a layer: MBN runs M*N binary convs of 1 step per MAC."""
-        if kind in ("mbn", "xnor"):
-            return macs * w_bits * a_bits  # w_bits = M, a_bits = N
-        return macs * self.serial_steps(kind, w_bits, a_bits)
+    def lane_steps(self, precision, macs: int, w_bits: int | None = None, a_bits: int | None = None) -> int:
+        """Total lane-steps of a layer: a binary layer runs M*N binary convs of 1 step per MAC."""
+        p = _as_precision(precision, w_bits, a_bits)
+        if p.binary:
+            return macs * p.w_bits * p.a_bits  # w_bits = M, a_bits = N
+        return macs * self.serial_steps(p)
+
+
+def _as_precision(precision, w_bits, a_bits) -> Precision:
+    if isinstance(precision, Precision):
+        return precision
+    # legacy call with a kind string: the built-in binary kinds are the 1-bit-bases ones
+    arithmetic = "binary" if precision in ("mbn", "xnor") else "fixed" if precision == "fixed" else "float"
+    return Precision(str(precision), int(w_bits), int(a_bits), arithmetic)
 
 
 @dataclass
@@ -205,9 +218,9 @@ def simulate_network(model, input_shape=(3, 32, 32), accel: Accelerator | None =
     rows = []
     lanes = accel.pes * accel.lanes
     for row in report.layers:
-        steps = accel.lane_steps(row.kind, row.macs, row.w_bits, row.a_bits)
+        steps = accel.lane_steps(row.precision, row.macs)
         rows.append(LayerSim(row.name, row.kind, row.macs, row.w_bits, row.a_bits, row.bops,
-                             accel.serial_steps(row.kind, row.w_bits, row.a_bits), math.ceil(steps / lanes)))
+                             accel.serial_steps(row.precision), math.ceil(steps / lanes)))
     if verify:
         _verify_layers(model, report, seed)
     return SimReport(rows, accel, str(getattr(model, "quant", "")))
@@ -218,7 +231,7 @@ def _verify_layers(model, report, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for row in report.layers:
         module = modules[row.name]
-        if row.kind != "fixed" or not hasattr(module, "kernel_size"):
+        if row.precision.arithmetic != "fixed" or not hasattr(module, "kernel_size"):
             continue
         cin, (kh, kw) = module.in_channels, module.kernel_size
         oh, ow = row.out_shape[-2:]

@@ -1,7 +1,8 @@
 """Bit-operation (BOPS) counting from the model itself (paper 000 Sec. 3.3).
 
 A real forward pass of a zero input runs with forward hooks on every conv / linear layer; each layer
-reports its MACs (kept weights only for pruned layers) and its operand precision:
+reports its MACs (kept weights only for pruned layers) and its operand precision (its ``precision``
+property, a bitkern.nn.Precision; a layer without one is full precision):
 
 * fixed point (PACT / DoReFa): BOPS = MACs x w_bits x a_bits
 * MBN M x N: MACs x M x N; XNOR: MACs x 1 x 1
@@ -19,14 +20,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-FP_BITS = 8
+from ._checks import module_device
+from .nn.precision import FP, Precision, precision_of
+
+FP_BITS = FP.w_bits
 CONVENTIONS = ("exact", "paper")
 
 
 @dataclass
 class LayerBops:
     name: str
-    kind: str          # "fp" (counted 8x8), "fixed", "xnor", "mbn"
+    kind: str          # the layer's Precision.kind: "fp" (counted 8x8), "fixed", "xnor", "mbn", ...
     macs: int          # MACs actually computed (kept weights only), per sample
     w_bits: int        # weight bits, or number of weight bases M for MBN
     a_bits: int        # activation bits, or number of activation bases N for MBN
@@ -35,6 +39,12 @@ class LayerBops:
     out_shape: tuple = ()
     kernel: tuple = ()
     stride: tuple = ()
+    precision: Precision | None = field(default=None, repr=False)  # the layer's; not in to_dict()
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        del row["precision"]
+        return row
 
 
 @dataclass
@@ -53,7 +63,7 @@ class BopsReport:
 
     def to_dict(self) -> dict:
         return {"total": self.total, "macs": self.macs, "input_shape": list(self.input_shape),
-                "convention": self.convention, "layers": [asdict(row) for row in self.layers]}
+                "convention": self.convention, "layers": [row.to_dict() for row in self.layers]}
 
     def table(self) -> str:
         head = f"{'layer':34s} {'kind':6s} {'w':>2s} {'a':>2s} {'kept':>5s} {'MACs':>13s} {'BOPS':>15s}"
@@ -68,17 +78,14 @@ class BopsReport:
 
 
 def layer_precision(module: nn.Module) -> tuple[str, int, int]:
-    """(kind, weight bits or bases, activation bits or bases) of a compute layer."""
-    if hasattr(module, "w_bits") and hasattr(module, "a_bits"):
-        return "fixed", int(module.w_bits), int(module.a_bits)
-    if hasattr(module, "M") and hasattr(module, "N"):
-        kind = "xnor" if getattr(module, "xnor", False) or type(module).__name__.startswith("XNOR") else "mbn"
-        return kind, int(module.M), int(module.N)
-    return "fp", FP_BITS, FP_BITS
+    """(kind, weight bits or bases, activation bits or bases) of a compute layer, from its precision."""
+    p = precision_of(module)
+    return p.kind, p.w_bits, p.a_bits
 
 
 def _is_compute_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "bops_layer", False)
+    return (isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "bops_layer", False)
+            or isinstance(getattr(module, "precision", None), Precision))
 
 
 def _kept_weights(module: nn.Module, dense: int) -> int:
@@ -105,7 +112,7 @@ def profile(model: nn.Module, input_shape=(3, 32, 32), convention: str = "exact"
 
     def hook_for(name):
         def hook(module, inputs, output):
-            kind, wb, ab = layer_precision(module)
+            p = precision_of(module)
             if isinstance(module, nn.Linear) or getattr(module, "is_linear", False):
                 in_f, out_f = module.in_features, module.out_features
                 positions = output.numel() // output.shape[0] // out_f
@@ -118,8 +125,8 @@ def profile(model: nn.Module, input_shape=(3, 32, 32), convention: str = "exact"
             macs = kept * positions
             if convention == "paper" and kernel == (1, 1) and max(stride) > 1:
                 macs *= 9  # the paper counts strided projection shortcuts as 3x3 convolutions
-            rows.append(LayerBops(name, kind, macs, wb, ab, macs * wb * ab, kept / dense_weights,
-                                  tuple(output.shape[1:]), kernel, stride))
+            rows.append(LayerBops(name, p.kind, macs, p.w_bits, p.a_bits, macs * p.bops_per_mac,
+                                  kept / dense_weights, tuple(output.shape[1:]), kernel, stride, p))
         return hook
 
     for name, module in model.named_modules():
@@ -128,10 +135,7 @@ def profile(model: nn.Module, input_shape=(3, 32, 32), convention: str = "exact"
     was_training = model.training
     try:
         model.eval()
-        param = next(iter(model.parameters()), None)
-        buf = next(iter(model.buffers()), None)
-        ref = param if param is not None else buf
-        device = ref.device if ref is not None else torch.device("cpu")
+        device = module_device(model, "cpu")
         with torch.no_grad():
             model(torch.zeros((1,) + shape, device=device))
     finally:

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import is_int
 from ._io import atomic_write_json
 from .model_files import _loads  # JSON without duplicate keys
 from .model_files import (CheckpointError, ModelFileError, check_entries, check_model_meta, contained_file,
@@ -107,10 +108,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
@@ -217,7 +214,7 @@ def _check_optimizer_json(where, meta) -> None:
     seen: set[int] = set()
     for i, g in enumerate(groups):
         params = g.get("params")
-        if not isinstance(params, list) or not all(_is_int(p) and 0 <= p < 2 ** 31 for p in params):
+        if not isinstance(params, list) or not all(is_int(p) and 0 <= p < 2 ** 31 for p in params):
             raise _bad(where, f"optimizer param_groups[{i}].params must be a list of non-negative ints")
         if seen.intersection(params) or len(set(params)) != len(params):
             raise _bad(where, f"optimizer param_groups[{i}].params repeats a parameter index")
@@ -334,23 +331,23 @@ def _optimizer_load(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 # -------------------------------------------------------------------------------- checkpoint JSON
 def _count(where, state: dict, key: str) -> None:
     v = state[key]
-    if not _is_int(v) or not 0 <= v <= _MAX_COUNT:
+    if not is_int(v) or not 0 <= v <= _MAX_COUNT:
         raise _bad(where, f"{key} must be a non-negative int, got {type(v).__name__} {v!r:.40}")
 
 
 def _check_rng_json(where, rng) -> None:
     if not isinstance(rng, dict):
         raise _bad(where, "rng must be an object")
-    u32 = lambda x: _is_int(x) and 0 <= x < 2 ** 32  # noqa: E731
+    u32 = lambda x: is_int(x) and 0 <= x < 2 ** 32  # noqa: E731
     if "numpy" in rng:
         n = rng["numpy"]
         if not (isinstance(n, list) and len(n) == 5 and n[0] == "MT19937" and isinstance(n[1], list)
-                and len(n[1]) == 624 and all(u32(x) for x in n[1]) and _is_int(n[2]) and 0 <= n[2] <= 624
-                and n[3] in (0, 1) and _is_int(n[3]) and _is_number(n[4])):
+                and len(n[1]) == 624 and all(u32(x) for x in n[1]) and is_int(n[2]) and 0 <= n[2] <= 624
+                and n[3] in (0, 1) and is_int(n[3]) and _is_number(n[4])):
             raise _bad(where, "rng.numpy is not a valid MT19937 state")
     if "python" in rng:
         p = rng["python"]
-        if not (isinstance(p, list) and len(p) == 3 and _is_int(p[0]) and isinstance(p[1], list)
+        if not (isinstance(p, list) and len(p) == 3 and is_int(p[0]) and isinstance(p[1], list)
                 and len(p[1]) == 625 and all(u32(x) for x in p[1]) and p[1][-1] <= 624
                 and (p[2] is None or _is_number(p[2]))):
             raise _bad(where, "rng.python is not a valid random.getstate() state")
@@ -362,12 +359,12 @@ def _check_state(where, state, *, loading: bool) -> None:
         raise _bad(where, f"checkpoint JSON is not an object (got {type(state).__name__})")
     if loading:
         fv = state.get("format_version")
-        if _is_int(fv) and fv in _OLD_FORMATS:
+        if is_int(fv) and fv in _OLD_FORMATS:
             raise _bad(where, f"checkpoint format_version {fv} was written by an older bitkern and its "
                               f"training state is not hashed, so it cannot be resumed safely; start the run "
                               f"again without --resume in a new --out directory (or delete "
                               f"{Path(where).parent})")
-        if not _is_int(fv) or fv != FORMAT_VERSION or not isinstance(state.get("weights"), str):
+        if not is_int(fv) or fv != FORMAT_VERSION or not isinstance(state.get("weights"), str):
             raise _bad(where, f"not a bitkern checkpoint (format_version {fv!r:.40}, expected "
                               f"{FORMAT_VERSION}, and a weights file name)")
         if not is_sha256(state.get("weights_sha256")):
@@ -388,7 +385,7 @@ def _check_state(where, state, *, loading: bool) -> None:
             if key not in state:
                 raise _bad(where, f"training checkpoint lacks {key}")
         run_epochs = state["config"].get("run_epochs")
-        if _is_int(run_epochs) and state["epoch"] > run_epochs:
+        if is_int(run_epochs) and state["epoch"] > run_epochs:
             raise _bad(where, f"epoch {state['epoch']} exceeds the run's {run_epochs} epochs")
         if len(state["history"]) != state["epoch"]:
             raise _bad(where, f"history has {len(state['history'])} rows for epoch {state['epoch']}")
@@ -412,7 +409,7 @@ def _norm_model_value(key: str, v):
             return str(parse_quant(v))
         except (ValueError, TypeError):
             return v
-    return v if _is_int(v) or isinstance(v, str) else repr(v)
+    return v if is_int(v) or isinstance(v, str) else repr(v)
 
 
 def _check_model_identity(where, state: dict, model: torch.nn.Module, what: str = "checkpoint") -> None:
@@ -614,7 +611,7 @@ def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(side, dict):
         raise _bad(mp, f"model metadata is not a JSON object (got {type(side).__name__})")
     fv = side.get("format_version", 1)
-    if not _is_int(fv) or fv not in (1, MODEL_FORMAT_VERSION) or (fv == 1 and "format_version" in side):
+    if not is_int(fv) or fv not in (1, MODEL_FORMAT_VERSION) or (fv == 1 and "format_version" in side):
         raise _bad(mp, f"unsupported model format_version {fv!r:.40} (expected {MODEL_FORMAT_VERSION})")
     contained_file(mp.parent, side.get("weights"), mp)
     if side["weights"] != path.name:
@@ -671,7 +668,7 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module | None = None, st
     meta = _header_meta(path, header, side)
     if model is None:
         check_model_meta(path, meta)
-        expected = expected_state(path, meta, frozen=False)
+        expected = expected_state(path, meta)
     else:
         expected = spec_of_module(model)
     check_entries(header, expected, strict=strict)

@@ -2,6 +2,12 @@
 
 User errors (unknown spec, missing data, bad numbers) print one line on stderr and exit with code 2;
 set BITKERN_DEBUG=1 to get the traceback instead.
+
+Under ``torchrun --nproc-per-node N -m bitkern ...`` (WORLD_SIZE > 1) train, eval and sweep start a
+torch.distributed group (gloo on CPU, NCCL on CUDA, one GPU per process): train runs
+DistributedDataParallel, eval shards the examples and merges the verdicts exactly, sweep spreads the
+configs over the ranks; rank 0 alone prints results and writes files. The other commands run on rank 0
+only (the other ranks exit at once).
 """
 from __future__ import annotations
 
@@ -243,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sanity", action="store_true", help="also run bitkern.eval's sanity report per config")
     p.add_argument("--out", default="results/sweep", help="output directory (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue a killed sweep in --out")
+    p.add_argument("--workers", type=_pos_int, default=None,
+                   help="processes training and attacking specs side by side (default: one per CPU core when "
+                        "torch runs single-threaded on the CPU, as for digits, else 1); the results do not "
+                        "depend on it")
     _add_runtime_args(p)
 
     p = sub.add_parser("train", help="train one model")
@@ -321,7 +331,7 @@ def _progress(args):
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import DEFAULT_SPECS, SweepConfig, run_sweep
+    from .study import DEFAULT_SPECS, SweepConfig, run_sweep
 
     _check_out_dir(args.out, "--out", resume=args.resume)
     _setup_threads(args)
@@ -334,17 +344,19 @@ def cmd_sweep(args) -> int:
                       pgd_steps=tuple(args.pgd_steps), restarts=args.restarts, eval_samples=args.eval_samples,
                       suite=args.suite, square_queries=args.square_queries, apgd_steps=args.apgd_steps,
                       image_size=args.image_size, device=args.device, seed=args.seed, out=args.out,
-                      resume=args.resume, sanity=args.sanity, progress=_progress(args))
+                      resume=args.resume, sanity=args.sanity, progress=_progress(args), workers=args.workers)
     run_sweep(cfg, log=lambda s: print(s, flush=True))
     return 0
 
 
 def cmd_train(args) -> int:
     from . import checkpoint as ckpt
+    from . import distributed as dist_
     from .data import dataset_info, load_dataset
     from .models import create, parse_quant
-    from .sweep import defaults_for
-    from .train import evaluate_accuracy, fit
+    from .eval import evaluate_accuracy
+    from .study import defaults_for
+    from .train import fit
 
     _check_out_dir(args.out, "--out", resume=args.resume)
     _setup_threads(args)
@@ -366,20 +378,24 @@ def cmd_train(args) -> int:
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     meta = {"arch": args.arch, "quant": args.quant, "num_classes": num_classes, "in_channels": int(x_tr.shape[1]),
             "dataset": args.dataset}
+    device = str(dist_.local_device(args.device))
     pick = lambda v, k: d[k] if v is None else v  # noqa: E731
     t0 = time.perf_counter()
     res = fit(model, (x_tr, y_tr), recipe=args.recipe, recipe_args=_recipe_args(args.recipe_arg),
               eps=args.train_eps, epochs=pick(args.epochs, "epochs"), batch_size=pick(args.batch_size, "batch_size"),
               lr=pick(args.lr, "lr"), optimizer=pick(args.optimizer, "optimizer"),
               weight_decay=pick(args.weight_decay, "weight_decay"), schedule=args.schedule,
-              augment=pick(args.augment, "augment"), device=args.device, seed=args.seed, checkpoint_dir=cdir,
+              augment=pick(args.augment, "augment"), device=device, seed=args.seed, checkpoint_dir=cdir,
               resume=args.resume, log_path=out / "train_log.jsonl", eval_data=(x_te, y_te),
               progress=_progress(args), meta=meta,
               on_epoch=lambda r: print(json.dumps(r), flush=True))
+    if not dist_.is_main():   # rank 0 writes the weights and reports
+        return 0
     path = ckpt.save_model(out / "model.safetensors", model,
                            {**meta, "recipe": res.recipe, "recipe_args": res.recipe_args})
-    acc = evaluate_accuracy(model, (x_te, y_te), device=args.device)
-    print(f"trained {args.arch} {args.quant} ({res.recipe}, {res.epochs_run} epochs) in "
+    acc = evaluate_accuracy(model, (x_te, y_te), device=device)
+    procs = f", {dist_.world_size()} processes" if dist_.world_size() > 1 else ""
+    print(f"trained {args.arch} {args.quant} ({res.recipe}, {res.epochs_run} epochs{procs}) in "
           f"{time.perf_counter() - t0:.1f}s: test top-1 {acc:.2f}%; weights in {path}")
     return 0
 
@@ -397,35 +413,38 @@ def _load_any_model(path: Path):
 
 
 def cmd_eval(args) -> int:
+    from . import distributed as dist_
     from .attacks import PGD
     from .data import load_dataset
-    from .eval import robustness
+    from .eval import evaluate_accuracy, robustness
     from .freeze import freeze
-    from .train import evaluate_accuracy
 
     if args.out:
         _check_out_dir(str(Path(args.out).parent), "--out")
     _setup_threads(args)
     model = _load_any_model(Path(args.model))
     x, y = load_dataset(args.dataset, args.data_dir, "test", image_size=args.image_size)
-    frozen = freeze(model).to(args.device)
-    top1 = evaluate_accuracy(frozen, (x, y), device=args.device)
+    device = str(dist_.local_device(args.device))
+    frozen = freeze(model).to(device)
+    top1 = evaluate_accuracy(frozen, (x, y), device=device)
     n = x.shape[0] if args.eval_samples == 0 else min(args.eval_samples, x.shape[0])
-    print(f"top-1 (frozen, {x.shape[0]} test examples): {top1:.2f}%")
+    main_rank = dist_.is_main()   # under torchrun: every rank attacks its share, rank 0 reports and writes
+    say = print if main_rank else (lambda *a, **k: None)
+    say(f"top-1 (frozen, {x.shape[0]} test examples): {top1:.2f}%")
     budgets = [e for e in (args.eps or [2 / 255]) if e > 0]
     for eps in budgets:
         alpha = args.alpha if args.alpha is not None else eps / 4
         attacks = {f"PGD-{s}": PGD(frozen, eps=eps, alpha=alpha, steps=s) for s in args.pgd_steps}
-        res = robustness(frozen, (x[:n], y[:n]), attacks, restarts=args.restarts, device=args.device,
+        res = robustness(frozen, (x[:n], y[:n]), attacks, restarts=args.restarts, device=device,
                          progress=not args.no_progress, seed=args.seed, sanity=False, suite=args.suite, eps=eps,
                          suite_options={"apgd_steps": args.apgd_steps, "square_queries": args.square_queries})
         at = f" at eps {eps * 255:g}/255" if len(budgets) > 1 or args.eps else ""
         for name, s in res.attacks.items():
-            print(f"{name} on {n} examples{at}: mean {s['mean']:.2f}% ± {s['std']:.2f}, worst case {s['worst']:.2f}%")
+            say(f"{name} on {n} examples{at}: mean {s['mean']:.2f}% ± {s['std']:.2f}, worst case {s['worst']:.2f}%")
         if res.suite is not None:
-            print(f"standard suite on {n} examples{at}: {res.suite.robust_acc:.2f}% "
-                  f"({res.suite.masking['verdict']}: {res.suite.masking['message']})")
-        if args.out:
+            say(f"standard suite on {n} examples{at}: {res.suite.robust_acc:.2f}% "
+                f"({res.suite.masking['verdict']}: {res.suite.masking['message']})")
+        if args.out and main_rank:
             res.save(args.out if len(budgets) == 1 else f"{args.out}-eps{eps * 255:g}")
     return 0
 
@@ -516,6 +535,26 @@ def _check_environment() -> None:
 
 COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "eval": cmd_eval, "bops": cmd_bops,
             "simulate": cmd_simulate, "bench": cmd_bench}
+DISTRIBUTED_COMMANDS = ("sweep", "train", "eval")
+
+
+def _run_command(args) -> int:
+    """Run the command; under a launcher with WORLD_SIZE > 1, in a torch.distributed group (train, eval,
+    sweep) or on rank 0 alone (the others)."""
+    from . import distributed as dist_
+
+    if dist_.env_world_size() <= 1:
+        return COMMANDS[args.command](args)
+    if args.command not in DISTRIBUTED_COMMANDS:
+        return COMMANDS[args.command](args) if os.environ.get("RANK", "0") == "0" else 0
+    started = dist_.init_from_env(getattr(args, "device", "cpu"))
+    try:
+        return COMMANDS[args.command](args)
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .checkpoint import CheckpointError
         from .data import DataError
-        from .sweep import SweepError
+        from .study import SweepError
 
         parser = build_parser()
         if not argv:
@@ -534,22 +573,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise UsageError(f"{PROG}: choose a command: {', '.join(COMMANDS)}")
         _check_environment()
-        return COMMANDS[args.command](args)
+        return _run_command(args)
     except (UsageError, SweepError, DataError, CheckpointError) as e:
         if debug:
             raise
-        print(f"{PROG}: error: {e}" if not str(e).startswith(PROG) else f"{e}", file=sys.stderr)
+        print(_rank_prefix() + (f"{PROG}: error: {e}" if not str(e).startswith(PROG) else f"{e}"), file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
         # bad values caught by the library's own checks, files the OS refuses (name too long, read-only,
         # disk full), a diverged training run (FloatingPointError names the epoch and the loss)
         if debug:
             raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (rerun with --resume to continue)", file=sys.stderr)
         return 130
+
+
+def _rank_prefix() -> str:
+    """'[rank r] ' for the ranks > 0 of a torchrun launch (their errors would otherwise look like rank 0's)."""
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 if __name__ == "__main__":

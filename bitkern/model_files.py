@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ._checks import is_int
 from ._io import atomic_path
 
 __all__ = [
@@ -75,10 +76,6 @@ def _err(path, msg: str) -> ModelFileError:
 
 def is_sha256(value) -> bool:
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------------------- JSON
@@ -163,9 +160,9 @@ def _check_entry(path, name, info) -> Entry:
     if dtype_name not in _DTYPES:
         raise _err(path, f"tensor {name!r} has unsupported dtype {dtype_name!r}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(_is_int(d) and 0 <= d < 1 << 48 for d in shape)):
+            or not all(is_int(d) and 0 <= d < 1 << 48 for d in shape)):
         raise _err(path, f"tensor {name!r} has an invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise _err(path, f"tensor {name!r} has invalid data offsets {offsets!r}")
     dtype, itemsize = _DTYPES[dtype_name]
@@ -325,22 +322,23 @@ class _MetaConstructors(TorchFunctionMode):
 
 
 @functools.lru_cache(maxsize=64)
-def _expected_state_cached(arch, quant, num_classes, in_channels, frozen, fused):
+def _expected_state_cached(arch, quant, num_classes, in_channels, transform):
     from .models import create
 
     with torch.random.fork_rng(devices=[]), _MetaConstructors():
         model = create(arch, quant, num_classes=num_classes, in_channels=in_channels)
-        if frozen:
-            from .freeze import freeze
-            model = freeze(model, fuse=fused)
+        if transform is not None:
+            model = transform(model)
         return tuple(spec_of_module(model).items())
 
 
-def expected_state(path, meta: Mapping[str, Any], *, frozen: bool, fused: bool = True) -> dict[str, TensorSpec]:
-    """The state (names -> TensorSpec) that checked ``meta`` implies, built without allocating."""
+def expected_state(path, meta: Mapping[str, Any], *, transform=None) -> dict[str, TensorSpec]:
+    """The state (names -> TensorSpec) that checked ``meta`` implies, built without allocating.
+    transform: None (the trained model) or a module-level function model -> model applied after building
+    it (bitkern.freeze passes its freezing function; it must be hashable: results are cached by it)."""
     try:
         items = _expected_state_cached(meta["arch"], meta["quant"], meta["num_classes"], meta["in_channels"],
-                                       bool(frozen), bool(fused))
+                                       transform)
     except (ValueError, TypeError, RuntimeError) as e:
         raise _err(path, f"metadata does not describe a model bitkern can build ({str(e).splitlines()[0]})") \
             from None
@@ -371,7 +369,7 @@ def check_model_meta(path, meta, *, required=("arch", "quant", "num_classes", "i
     for key, hi in (("num_classes", MAX_NUM_CLASSES), ("in_channels", MAX_IN_CHANNELS)):
         if key in meta:
             v = meta[key]
-            if not _is_int(v):
+            if not is_int(v):
                 raise _err(path, f"metadata {key} must be an int, got {type(v).__name__} {v!r}")
             if not 1 <= v <= hi:
                 raise _err(path, f"metadata {key} = {v} is out of range (1..{hi})")
@@ -460,3 +458,49 @@ def load_verified(header: Header, *, whole_sha256: str | None = None, require_ha
             from None
     check_values(path, tensors, expected)
     return tensors
+
+
+# ------------------------------------------------------------------------------ frozen file format
+# The frozen format (v3): safetensors written by bitkern.model_files.write_safetensors, whose header
+# metadata holds the model description as JSON under "bitkern" (format, version, fused, arch, quant,
+# num_classes, in_channels) next to the content hash. These two functions are the whole format.
+FROZEN_FORMAT = "bitkern-frozen"
+FROZEN_FORMAT_VERSION = 3  # v2: BatchNorm / activation folding (meta "fused"); v3: content hash (bitkern_sha256)
+# in the header. v1 / v2 files carry no hash and are refused with a message telling how to re-create them.
+
+
+def frozen_header(meta: dict) -> dict[str, str]:
+    """The safetensors header metadata of a frozen model described by `meta` (bitkern_sha256 is added by
+    write_safetensors)."""
+    meta = {**meta, "format": FROZEN_FORMAT, "version": FROZEN_FORMAT_VERSION}
+    meta["fused"] = bool(meta.get("fused", False))
+    try:
+        text = json.dumps(meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"meta: cannot be stored as JSON ({e})") from None
+    return {"bitkern": text}
+
+
+def read_frozen_meta(header) -> dict:
+    """The checked model description of a frozen file (from its header; nothing is allocated)."""
+    path = header.path
+    if "bitkern" not in header.metadata:
+        raise ModelFileError(f"{path}: has no bitkern metadata; expected a file written by FrozenModel.save()")
+    try:
+        meta = json.loads(header.metadata["bitkern"])
+    except (ValueError, RecursionError):
+        raise ModelFileError(f"{path}: bitkern metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FROZEN_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise ModelFileError(f"{path}: holds format {got!r}; expected {FROZEN_FORMAT!r}")
+    version = meta.get("version")
+    if version in (1, 2) and not isinstance(version, bool):
+        raise ModelFileError(
+            f"{path}: frozen format v{version} (written by an older bitkern) carries no content hash and is "
+            f"refused; re-create it from the trained model: "
+            f"bitkern.freeze(bitkern.checkpoint.load_model('model.safetensors')).save('{path.name}')")
+    if version != FROZEN_FORMAT_VERSION or isinstance(version, bool):
+        raise ModelFileError(f"{path}: unsupported frozen format version {version!r}; expected {FROZEN_FORMAT_VERSION}")
+    if not isinstance(meta.get("fused"), bool):
+        raise ModelFileError(f"{path}: metadata fused must be true or false, got {meta.get('fused')!r}")
+    return check_model_meta(path, meta)

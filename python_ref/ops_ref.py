@@ -172,3 +172,52 @@ def mbn_conv2d_grads_ref(x, w_bases, alpha, v, beta, grad_out, stride=1, padding
     if beta is not None:
         grads["beta"] = np.einsum("mnc,mc->n", per_channel, alpha2d)
     return grads
+
+
+def mbn_epilogue_ref(pairs, alpha2d, beta, bias=None, residual=None, clamp=None):
+    """The backends' float contract, step for step in float32: out = sum over n (outer), m (inner) of
+    fl32(alpha[m, co] * beta[n]) * pairs[m, n], every product and sum rounded to float32; then + bias,
+    + residual, clamp(lo, hi). pairs int [M, N, B, Co, OH, OW]; returns float32 [B, Co, OH, OW]."""
+    pairs = np.asarray(pairs)
+    num_w, num_a = pairs.shape[:2]
+    alpha2d = np.asarray(alpha2d, dtype=np.float32)
+    beta = np.asarray(beta, dtype=np.float32).reshape(-1)
+    out = None
+    for n in range(num_a):
+        for m in range(num_w):
+            scale = (alpha2d[m] * beta[n]).astype(np.float32)
+            term = pairs[m, n].astype(np.float32) * scale[None, :, None, None]
+            out = term if out is None else (out + term).astype(np.float32)
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=np.float32)[None, :, None, None]
+    if residual is not None:
+        out = out + np.asarray(residual, dtype=np.float32)
+    if clamp is not None:
+        out = np.clip(out, np.float32(clamp[0]), np.float32(clamp[1]))
+    return out.astype(np.float32)
+
+
+def ste_input_grad_f32_ref(x, g, v, beta):
+    """The STE input gradient's float32 arithmetic (bitkern/ops/autograd.py, issue 16), elementwise:
+    t_n = fl32(g * beta_n) where 0 <= fl32(x + v_n) <= 1 (|x| <= 1 when v is None), else +0;
+    result t_0 + t_1 + ... + t_{N-1}, added left to right in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    g = np.asarray(g, dtype=np.float32)
+    beta = np.asarray(beta, dtype=np.float32).reshape(-1)
+    if v is None:
+        windows = [np.abs(x) <= np.float32(1)]
+    else:
+        shifted = [x + np.float32(vn) for vn in np.asarray(v, dtype=np.float32).reshape(-1)]
+        windows = [(s >= np.float32(0)) & (s <= np.float32(1)) for s in shifted]
+    total = None
+    for n, window in enumerate(windows):
+        term = np.where(window, g * beta[n], np.float32(0)).astype(np.float32)
+        total = term if total is None else (total + term).astype(np.float32)
+    return total
+
+
+def clamp_grad_f32_ref(g, out, lo, hi):
+    """The fused clamp's backward: g where lo < out < hi (strict), else +0 (float32)."""
+    g = np.asarray(g, dtype=np.float32)
+    out = np.asarray(out, dtype=np.float32)
+    return np.where((out > lo) & (out < hi), g, np.float32(0)).astype(np.float32)

@@ -160,3 +160,23 @@ def test_bad_inputs(setup):
         robustness(m, (x, y), ["PGD"], progress=False)
     with pytest.raises(TypeError, match="data"):
         robustness(m, x, atk, progress=False)
+
+
+def test_nested_within_counts_smaller_budget_breaks(setup):
+    """An example broken at a smaller budget (by any attack with as many runs) is broken at a larger one
+    (nested balls): the study's curves fall monotonically."""
+    m, x, y = setup
+    small = robustness(m, (x, y), {"PGD-2": PGD(m, EPS / 2, 1 / 255, 2)}, progress=False, sanity=False)
+    large = robustness(m, (x, y), {"PGD-2": PGD(m, EPS, 2 / 255, 2), "FGSM": FGSM(m, EPS)},
+                       progress=False, sanity=False)
+    nested = large.nested_within(small)
+    assert np.array_equal(nested.correct["PGD-2"], large.correct["PGD-2"] & small.correct["PGD-2"])
+    runs_fgsm, runs_pgd = large.correct["FGSM"].shape[0], small.correct["PGD-2"].shape[0]
+    expected = small.correct["PGD-2"] if runs_fgsm == runs_pgd else small.correct["PGD-2"].all(0, keepdims=True)
+    assert np.array_equal(nested.correct["FGSM"], large.correct["FGSM"] & expected)
+    assert nested.attacks["PGD-2"]["worst"] <= min(small.attacks["PGD-2"]["worst"],
+                                                   large.attacks["PGD-2"]["worst"])
+    assert nested.to_dict()["config"]["nested_within_eps"] == pytest.approx(EPS / 2)
+    with pytest.raises(ValueError, match="examples"):
+        large.nested_within(robustness(m, (x[:10], y[:10]), {"PGD-2": PGD(m, EPS / 2, 1 / 255, 2)},
+                                       progress=False, sanity=False))

@@ -154,3 +154,40 @@ def test_fused_frozen_roundtrip_unfused_files_and_old_versions(tmp_path):
 def test_freeze_fuse_argument_checked():
     with pytest.raises(TypeError, match="fuse"):
         freeze(_trained_like("xnor"), fuse="yes")
+
+
+def test_fusion_follows_declared_chains_not_block_names():
+    """The fusion pass knows no block class: a module declares its (conv, bn, act) chains and may offer a
+    fused replacement of itself through fuse_residual()."""
+    from bitkern.nn import MBNConv2d, PackedMBNConv2d
+
+    class Block(torch.nn.Module):
+        fusion_chains = (("conv", "bn", "act"),)
+
+        def __init__(self):
+            super().__init__()
+            self.conv = MBNConv2d(3, 4, 3, padding=1, M=2, N=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.act = torch.nn.Hardtanh()
+            self.head = torch.nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.act(self.bn(self.conv(x))))
+
+    class Undeclared(Block):
+        fusion_chains = ()
+
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 6, 6)
+    for cls, folded in ((Block, True), (Undeclared, False)):
+        model = cls()
+        model.train()
+        with torch.no_grad():
+            model(torch.rand(8, 3, 6, 6))
+        model.eval()
+        frozen = freeze(model)
+        assert isinstance(frozen.net.conv, PackedMBNConv2d)
+        assert isinstance(frozen.net.bn, torch.nn.Identity) is folded
+        assert isinstance(frozen.net.act, torch.nn.Identity) is folded
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from bitkern import dispatch, ops
 from bitkern.backends import torch_backend
+from bitkern.backends.base import Backend, Capabilities
+from bitkern import _bitmath
 
 # (B, C, H, W, Co, M, N, kernel, stride, padding, per_channel_alpha, channels_last). The shapes cover:
 # M, N > 1 (the epilogue must wait for the last (n, m) contribution), Co not a multiple of 8, C <= 32
@@ -123,28 +125,33 @@ def test_opcheck_with_bias_and_clamp(cpu_backend):
     torch.library.opcheck(torch.ops.bitkern.mbn_conv2d_packed.default, call)
 
 
-class _PlainBackend:
-    """A backend without fused_epilogue (like triton / cuda); records the keyword arguments it gets."""
+class _PlainBackend(Backend):
+    """A backend without fused_epilogue (like triton / cuda); records the ConvArgs it gets."""
     name = "plain"
+    capabilities = Capabilities(devices=("cpu",))
+    available = True
 
     def __init__(self):
         self.calls = []
 
-    def mbn_conv2d_packed(self, *args, **kwargs):
-        self.calls.append(kwargs)
-        return torch_backend.backend.mbn_conv2d_packed(*args, **kwargs)
+    def run_pack(self, x, mode, v):
+        return torch_backend.backend.run_pack(x, mode, v)
+
+    def run_conv(self, args):
+        self.calls.append(args)
+        return torch_backend.backend.run_conv(args)
 
 
 def test_backend_without_fused_epilogue(monkeypatch):
-    """A backend that does not declare fused_epilogue (triton / cuda) gets plain calls; ops.py applies the
-    bias and clamp afterwards."""
+    """A backend that does not declare fused_epilogue (triton / cuda) gets plain calls; the contract's
+    epilogue applies the bias and clamp afterwards, in the same order."""
     plain = _PlainBackend()
     calls = plain.calls
     args, bias = _case(SHAPES[0], 30)
     expected = _unfused(args, bias, (-1.0, 1.0))
     monkeypatch.setattr(dispatch, "backend_for", lambda device: plain)
     got = ops.mbn_conv2d_packed(**args, bias=bias, clamp=(-1.0, 1.0))
-    assert calls and all("bias" not in kw and "clamp" not in kw for kw in calls)
+    assert calls and all(a.bias is None and a.clamp is None and a.residual is None for a in calls)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -216,8 +223,8 @@ def test_fused_residual_equals_unfused(cpu_backend, shape):
     # ... and within float32 accumulation tolerance vs a plain torch computation (F.conv2d on +-1 bases)
     x, alpha, beta = args["x"], args["alpha"], args["beta"]
     M, Co = args["w_packed"].shape[:2]
-    weights = torch_backend.unpack_weight_bases(args["w_packed"], args["in_channels"])
-    acts = torch_backend.activation_bases(x, args["v"])
+    weights = _bitmath.unpack_weight_bases(args["w_packed"], args["in_channels"])
+    acts = _bitmath.activation_bases(x, args["v"])
     alpha2d = alpha.reshape(M, -1).expand(M, Co)
     plain = sum(alpha2d[m].reshape(1, -1, 1, 1) * beta[n]
                 * F.conv2d(acts[n], weights[m], stride=args["stride"], padding=args["padding"])
@@ -268,7 +275,7 @@ def test_backend_without_fused_epilogue_gets_residual_in_torch(monkeypatch):
     expected = _unfused(args, bias, (-1.0, 1.0), residual)
     monkeypatch.setattr(dispatch, "backend_for", lambda device: plain)
     got = ops.mbn_conv2d_packed(**args, bias=bias, clamp=(-1.0, 1.0), residual=residual)
-    assert calls and all(not {"bias", "clamp", "residual"} & set(kw) for kw in calls)
+    assert calls and all(a.bias is None and a.clamp is None and a.residual is None for a in calls)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from bitkern.data import load_dataset
+from bitkern.eval import evaluate_accuracy
 from bitkern.freeze import freeze
 from bitkern.models import create
-from bitkern.train import evaluate_accuracy, fit
+from bitkern.train import fit
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from torch import nn
 from bitkern import checkpoint as ckpt
 from bitkern import model_files as mf
 from bitkern.checkpoint import CheckpointError, ModelFileError
-from bitkern.freeze import freeze, load_frozen
+from bitkern.freeze import _freeze_fused, _freeze_unfused, freeze, load_frozen
 from bitkern.models import create
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,9 +228,9 @@ def test_expected_state_on_meta_matches_real_models():
     for quant in ("xnor", "mbn3x2", "fp", "prune-weight-50", "pact-w2a2"):
         meta = {"arch": "resnet20", "quant": quant, "num_classes": 7, "in_channels": 2}
         real = create("resnet20", quant, num_classes=7, in_channels=2)
-        assert mf.expected_state("x", meta, frozen=False) == mf.spec_of_module(real)
-        for fuse in (True, False):
-            assert mf.expected_state("x", meta, frozen=True, fused=fuse) == mf.spec_of_module(freeze(real, fuse))
+        assert mf.expected_state("x", meta) == mf.spec_of_module(real)
+        for fuse, transform in ((True, _freeze_fused), (False, _freeze_unfused)):
+            assert mf.expected_state("x", meta, transform=transform) == mf.spec_of_module(freeze(real, fuse))
 
 
 # ------------------------------------------------------------------------------ frozen: corruption

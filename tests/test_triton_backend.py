@@ -1,8 +1,12 @@
-"""Triton backend in the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) against python_ref.
+"""Triton backend in the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) against python_ref and
+the torch backend.
 
-The interpreter is slow, so the sweep is small but covers the awkward cases: C = 1, 63, 64, 65, 130
-(partial and multiple words), strides 1/2/3, paddings 0/1/2, kernels 1/3/5, batch 1, H != W,
-M, N up to 3, modes "sign" and "hv". A last test compiles the kernels for sm_80 / sm_90 without a GPU.
+Pair counts must equal python_ref exactly; `out` must equal the torch backend BIT FOR BIT (torch.equal):
+both sum the base pairs n-outer, m-inner as fl32(alpha * beta) * count, every product and sum rounded to
+float32 (docs/architecture.md). The interpreter is slow, so the sweep is small but covers the awkward
+cases: C = 1, 63, 64, 65, 130 (partial and multiple words), strides 1/2/3, paddings 0/1/2, kernels
+1/3/5, batch 1, H != W, M, N up to 3, modes "sign" and "hv", plus a few random shapes with signed alphas.
+A last test compiles the kernels for sm_80 / sm_90 without a GPU.
 """
 import os
 
@@ -25,8 +29,11 @@ import numpy as np  # noqa: E402
 
 pytest.importorskip("triton")
 
+from bitkern.backends.torch_backend import backend as torch_backend  # noqa: E402
 from bitkern.backends.triton_backend import TritonBackend  # noqa: E402
 from python_ref import ops_ref  # noqa: E402
+
+from conformance import awkward_randn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,15 +49,7 @@ def tb():
 
 def _inputs(seed, shape):
     """Random floats with exact zeros, -0.0 and values right at the hv threshold mixed in."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g)
-    flat = x.view(-1)
-    idx = torch.randperm(flat.numel(), generator=g)
-    k = max(1, flat.numel() // 10)
-    flat[idx[:k]] = 0.0
-    flat[idx[k:2 * k]] = -0.0
-    flat[idx[2 * k:3 * k]] = 0.5
-    return x
+    return awkward_randn(shape, torch.Generator().manual_seed(seed))
 
 
 def _pack_weights_ref(w):
@@ -123,12 +122,44 @@ def test_mbn_conv_matches_reference(tb, index):
     ref_out = ops_ref.mbn_conv2d_ref(x.numpy(), w.numpy(), alpha.numpy(), vn, beta.numpy(), stride, padding)
     assert out.dtype == torch.float32 and tuple(out.shape) == ref_out.shape
     scale = np.abs(ref_out).max() + 1.0
-    np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-5, atol=1e-6 * scale)  # float64 reference
+    # the documented float32 order (n outer, m inner): bit for bit the torch backend
+    torch_out, torch_pairs = torch_backend.mbn_conv2d_packed(x, wp, C, ks, alpha, v, beta, stride, padding,
+                                                             want_pairs=True)
+    assert torch.equal(out, torch_out) and torch.equal(pairs, torch_pairs)
     # out without pairs is the same computation, bit for bit; pairs without out likewise
     out_only, none_pairs = tb.mbn_conv2d_packed(x, wp, C, ks, alpha, v, beta, stride, padding)
     assert none_pairs is None and torch.equal(out_only, out)
     none_out, pairs_only = tb.mbn_conv2d_packed(x, wp, C, ks, None, v, None, stride, padding, want_pairs=True)
     assert none_out is None and torch.equal(pairs_only, pairs)
+
+
+def _random_case(seed):
+    rng = np.random.default_rng(seed)
+    B, C = int(rng.integers(1, 3)), int(rng.choice([1, 5, 17, 31, 33, 65, 70]))
+    KH, KW = (int(k) for k in rng.choice([1, 3, 5], size=2))
+    stride = tuple(int(s) for s in rng.integers(1, 4, size=2))
+    padding = tuple(int(p) for p in rng.integers(0, 3, size=2))
+    H = int(rng.integers(max(1, KH - 2 * padding[0]), 8))
+    W = int(rng.integers(max(1, KW - 2 * padding[1]), 8))
+    Co, M, N = int(rng.integers(1, 10)), int(rng.integers(1, 4)), int(rng.integers(0, 4))
+    return B, C, H, W, Co, (KH, KW), stride, padding, M, N
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mbn_conv_random_shapes_bit_exact_vs_torch(tb, seed):
+    """Random shapes, signed alphas and betas: Triton == torch backend bit for bit (out and pairs)."""
+    case = _random_case(seed)
+    x, w, alpha, v, beta, ks, stride, padding = _case_tensors(case, seed=500 + seed)
+    g = torch.Generator().manual_seed(900 + seed)
+    alpha = alpha * torch.where(torch.rand(alpha.shape, generator=g) < 0.3, -1.0, 1.0)
+    beta = beta * torch.where(torch.rand(beta.shape, generator=g) < 0.3, -1.0, 1.0)
+    wp = _pack_weights_ref(w)
+    C = x.shape[1]
+    got = tb.mbn_conv2d_packed(x, wp, C, ks, alpha, v, beta, stride, padding, want_pairs=True)
+    want = torch_backend.mbn_conv2d_packed(x, wp, C, ks, alpha, v, beta, stride, padding, want_pairs=True)
+    assert torch.equal(got[1], want[1]), case
+    assert torch.equal(got[0], want[0]), case
 
 
 def test_binary_conv_via_pairs(tb):
@@ -148,7 +179,7 @@ def test_bad_arguments_raise_clear_errors(tb):
         tb.mbn_conv2d_packed(x, wp, 6, (3, 3), alpha, None, None, 1, 1)
     with pytest.raises(ValueError, match="alpha2d"):
         tb.mbn_conv2d_packed(x, wp, 5, (3, 3), torch.ones(3, 2), None, None, 1, 1)
-    with pytest.raises(ValueError, match="w_packed"):
+    with pytest.raises(TypeError, match="w_packed"):
         tb.mbn_conv2d_packed(x, wp.to(torch.int32), 5, (3, 3), alpha, None, None, 1, 1)
     with pytest.raises(ValueError, match="beta"):
         tb.mbn_conv2d_packed(x, wp, 5, (3, 3), alpha, torch.zeros(2), torch.ones(3), 1, 1)
@@ -183,6 +214,9 @@ _AOT_SCRIPT = textwrap.dedent("""
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
         assert "cubin" in compiled.asm
         assert "popc.b64" in compiled.asm["ptx"], "SWAR popcount was not lowered to popc.b64"
+        # the epilogue product is an explicitly rounded multiply, so no FMA can merge it with the sum
+        assert "mul.rn.f32" in compiled.asm["ptx"], "rounded epilogue multiply missing"
+        assert "fma.rn.f32" not in compiled.asm["ptx"], "an FMA crept into the float epilogue"
     print("AOT-OK")
 """)
 
@@ -219,7 +253,7 @@ def test_ops_through_dispatcher_forced_to_triton():
             binary = ops.binary_conv2d(x.detach(), w[0], stride=1, padding=2)
         results[name] = (out.detach(), grads, binary)
     (o1, g1, b1), (o2, g2, b2) = results["triton"], results["torch"]
-    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-4)
+    assert torch.equal(o1, o2)  # forward: bit for bit (same summation order and rounding)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     assert torch.equal(b1, b2)

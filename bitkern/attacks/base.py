@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import module_device
 from ._rng import ExampleRNG, GeneratorRNG, check_example_seeds
 from ._validate import check_inputs, check_int, check_labels_fit
 from .surrogate import Surrogate
@@ -157,7 +158,7 @@ class Attack:
         x, y = check_inputs(x, y)
         seeds = check_example_seeds(example_seeds, x.shape[0])
         restarts = self.restarts if restarts is None else check_int(restarts, "restarts", 1)
-        device = self._device(x)
+        device = module_device(self.model, x.device)
         x, y = x.to(device), y.to(device)
         seeds = None if seeds is None else seeds.to(device)
         true_labels, labels = self._labels(x, y)
@@ -217,13 +218,6 @@ class Attack:
     # ----------------------------------------------------------------- helpers
     def _models(self):
         return [self.model, self.surrogate.model]
-
-    def _device(self, x):
-        param = next(self.model.parameters(), None)
-        if param is None:
-            buf = next(self.model.buffers(), None)
-            return buf.device if buf is not None else x.device
-        return param.device
 
     def _labels(self, x, y):
         """(true labels or None, labels the objective uses)."""

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import torch
 
+from .._checks import module_device
 from ._rng import check_example_seeds, restart_seeds
 from ._validate import check_int
 from .base import Attack, AttackOutput, frozen_state, select_strongest
@@ -68,7 +69,7 @@ class Transfer(Attack):
         x_adv, best = select_strongest(advs, ~source_correct, objective)
         correct = source_correct
         if self.target_model is not None:
-            device = _device_of(self.target_model, x_adv)
+            device = module_device(self.target_model, x_adv.device)
             true_labels, labels = self._labels(x.to(device), y.to(device).long())
             with frozen_state([self.target_model], self.model_mode), torch.no_grad():
                 correct = torch.stack([
@@ -84,7 +85,3 @@ def _clone_generator(gen):
     clone.set_state(gen.get_state())
     return clone
 
-
-def _device_of(model, fallback):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else fallback.device

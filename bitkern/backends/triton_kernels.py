@@ -31,6 +31,22 @@ def _popcount64(w):
 
 
 @triton.jit
+def _rounded_mul(a, b):
+    """a * b rounded to float32 as its own operation (never contracted with a following add into an FMA).
+
+    On a GPU Triton lets LLVM fuse a multiply-add by default (enable_fp_fusion), which rounds once
+    instead of twice and breaks bit equality with the CPU / torch backends; an explicitly rounded PTX
+    mul.rn.f32 is opaque to that. The interpreter rounds every numpy operation anyway.
+    """
+    if _GPU_ASM:
+        a, b = tl.broadcast(a, b)
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
 def pack_signs_kernel(
     x_ptr, v_ptr, out_ptr,
     P, C, HW, KW_WORDS,
@@ -79,8 +95,9 @@ def mbn_conv_kernel(
     xp int64 [N, B, H, W, Kw] (one packed activation per shift), w int64 [M, CO, KH, KW, Kw].
     pair count(m, n) = sum over in-bounds taps of (C - 2 * popcount(x_word ^ w_word)) summed over words
     (unused high bits are 0 in both, so they never differ). Padded taps are masked out, which is the
-    same as zero padding of the +-1 convolution. Epilogue: out += alpha[m, co] * beta[n] * count,
-    summed m-major, n-minor in float32.
+    same as zero padding of the +-1 convolution. Epilogue: out += fl32(alpha[m, co] * beta[n]) * count,
+    summed n-outer, m-inner in float32, each product and sum rounded (_rounded_mul: no FMA contraction),
+    so bit-identical to the CPU and torch backends.
     """
     pid_p = tl.program_id(0)
     pid_co = tl.program_id(1)
@@ -99,9 +116,12 @@ def mbn_conv_kernel(
     iw0 = ow * SW - PW
     out_acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
     taps = KH * KW
-    for m in range(0, M):
-        alpha = tl.load(alpha_ptr + m * CO + offs_co, mask=co_ok, other=0.0)
-        for n in range(0, N):
+    # Base pairs n-outer, m-inner (the contract of docs/architecture.md), rounded like the CPU engine:
+    # out = sum_n sum_m fl32(alpha[m, co] * beta[n]) * count_mn, each product and sum in float32.
+    for n in range(0, N):
+        if WANT_OUT:
+            beta = tl.load(beta_ptr + n)
+        for m in range(0, M):
             count = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.int32)
             for t in range(0, taps):
                 kh = t // KW
@@ -127,11 +147,16 @@ def mbn_conv_kernel(
                 dst = (pair_base[:, None] + offs_co[None, :]) * (OH * OW) + rem[:, None]
                 tl.store(pairs_ptr + dst, count, mask=p_ok[:, None] & co_ok[None, :])
             if WANT_OUT:
-                beta = tl.load(beta_ptr + n)
-                out_acc += (alpha * beta)[None, :] * count.to(tl.float32)
+                alpha = tl.load(alpha_ptr + m * CO + offs_co, mask=co_ok, other=0.0)
+                scale = alpha * beta  # fl32(alpha * beta), then * count, then the sum
+                out_acc += _rounded_mul(scale[None, :], count.to(tl.float32))
     if WANT_OUT:
         dst = (b * CO)[:, None] * (OH * OW) + offs_co[None, :] * (OH * OW) + rem[:, None]
         tl.store(out_ptr + dst, out_acc, mask=p_ok[:, None] & co_ok[None, :])
+
+
+# True when the kernels compile for a GPU (not the interpreter, which wraps them in InterpretedFunction).
+_GPU_ASM = tl.constexpr(type(pack_signs_kernel).__name__ != "InterpretedFunction")
 
 
 def autotune_configs():

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from .._checks import int_in
+
 # Ceiling on the bytes any one reader may decompress, unpickle or allocate for a dataset (one IDX
 # file, one CIFAR batch file, one image-folder tensor). The largest real file bitkern reads is the
 # CIFAR-100 train batch (~155 MB unpickled) and the largest tensor the float32 copy of MNIST train
@@ -35,7 +37,7 @@ def byte_limit(max_bytes: int | None = None) -> int:
             max_bytes = int(env.replace("_", ""))
         except ValueError:
             raise DataError(f"${MAX_DATA_BYTES_ENV}={env!r}: expected a positive byte count") from None
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+    if not int_in(max_bytes, 1):
         raise DataError(f"max_bytes must be a positive int (bytes), got {max_bytes!r}")
     return max_bytes
 

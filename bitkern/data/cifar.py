@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import is_int
 from ._common import DataError, byte_limit, check_split, fmt_bytes
 
 CIFAR_ROW_BYTES = 3 * 32 * 32
@@ -55,7 +56,7 @@ def _str(x, what: str) -> str:
 
 
 def _int(x, what: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+    if not is_int(x):
         raise pickle.UnpicklingError(f"{what} must be an int, got {type(x).__name__}")
     return int(x)
 

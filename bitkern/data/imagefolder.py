@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import int_in
 from . import _common
 from ._common import DataError, byte_limit, check_split, fmt_bytes
 
@@ -63,7 +64,7 @@ def decode_image(path: Path, image_size: int, max_pixels: int | None = None) -> 
 
 
 def load_imagefolder(root: Path, split: str, image_size: int, max_bytes: int | None = None):
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    if not int_in(image_size, 1):
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     limit = byte_limit(max_bytes)
     names = ("train",) if split == "train" else ("test", "val")

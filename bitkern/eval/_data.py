@@ -1,10 +1,31 @@
-"""Batches from a torch Dataset or an (x, y) tensor pair, validated."""
+"""Batches from a torch Dataset or an (x, y) tensor pair, validated; ``tensor_pair`` for the callers
+(training, clean accuracy) that need the whole pair as tensors."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..attacks._validate import check_inputs
+
+
+def tensor_pair(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x float [n, C, H, W], y int64 [n]) from an (x, y) pair or a TensorDataset; ValueError/TypeError
+    naming ``what`` otherwise."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    elif hasattr(data, "tensors") and len(data.tensors) == 2:  # TensorDataset
+        x, y = data.tensors
+    else:
+        raise TypeError(f"{what} must be an (x, y) tensor pair or a TensorDataset, got {type(data).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{what}: x must be a float tensor [n, C, H, W], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{what}: y must be an int64 tensor [n] matching x ({x.shape[0]}), got "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} is empty")
+    return x, y.long()
 
 
 def data_size(data) -> int:
@@ -61,3 +82,10 @@ def take(data, indices, device):
 
 def num_batches(data, batch_size: int) -> int:
     return -(-data_size(data) // batch_size)
+
+
+def subset(data, start: int, stop: int):
+    """Examples start..stop-1 of data (an (x, y) tensor pair or a Dataset), in order (a shard)."""
+    if _is_pair(data):
+        return data[0][start:stop], data[1][start:stop]
+    return Subset(data, range(start, stop))

@@ -1,13 +1,14 @@
 """RobustnessResult: per-example correctness + the statistics and files derived from it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._io import atomic_write_npz, atomic_write_text
+from .._io import atomic_write_npz, atomic_write_text
 
 SCHEMA = "bitkern.robustness/1"
 
@@ -69,6 +70,23 @@ class RobustnessResult:
                          **attack_stats(correct, self.curve_counts.get(name), self.n_examples),
                          **self.extras.get(name, {})}
         return out
+
+    def nested_within(self, smaller: "RobustnessResult") -> "RobustnessResult":
+        """This result with every example broken at a smaller budget counted as broken here too: the
+        smaller L-inf ball lies inside this one, so its adversarial examples are valid here. For each
+        attack, run r of an example stays robust only if it is robust here and, for every attack of
+        `smaller`, in its run r (as many runs) or in all its runs (a different number of runs). Robust
+        accuracy then falls monotonically with eps (apply in ascending order). The suite's verdicts are
+        left as they are."""
+        if smaller.n_examples != self.n_examples:
+            raise ValueError(f"nested_within: {smaller.n_examples} examples vs {self.n_examples}")
+        correct = {}
+        for name, c in self.correct.items():
+            for other in smaller.correct.values():
+                c = c & (other if other.shape == c.shape else other.all(axis=0, keepdims=True))
+            correct[name] = c
+        config = {**self.config, "nested_within_eps": smaller.config.get("eps")}
+        return dataclasses.replace(self, correct=correct, config=config)
 
     def to_dict(self) -> dict:
         return {

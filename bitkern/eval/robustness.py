@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 from ..attacks import FGSM, GN, PGD, Attack, Transfer
 from ..attacks._validate import check_int, check_labels_fit
 from ..attacks.base import frozen_state
-from ._data import iter_batches, num_batches
+from .. import distributed as dist_
+from .._checks import module_device
+from ._data import data_size, iter_batches, num_batches, subset, take
 from .result import RobustnessResult
 from .sanity import check, curve_check, ordering_check, sanity_report
 from .suite import masking_verdict, standard_suite
@@ -62,7 +64,7 @@ def _main_attack(named):
 
 def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu", progress=True,
                record_iterations=False, seed=0, *, sanity=True, sanity_examples=256, bops=None,
-               tol_pp=1.0, suite=None, eps=None, suite_options=None) -> RobustnessResult:
+               tol_pp=1.0, suite=None, eps=None, suite_options=None, distributed=None) -> RobustnessResult:
     """Clean accuracy and, per attack, accuracy under attack (in %).
 
     Stochastic attacks (random start, noise) run ``restarts`` times with independent seeds; the
@@ -74,6 +76,13 @@ def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu"
     suite: "standard" also runs bitkern.eval.standard_suite (APGD-CE -> APGD-T -> Square, worst case)
         at ``eps`` (default: the main PGD attack's budget) with ``suite_options`` (e.g. square_queries);
         its verdicts land in ``result.suite`` and its gradient-masking flag in the sanity report.
+    distributed: None (default) shards when a torch.distributed group of more than one process is
+        initialized (torchrun), False never, True requires a group. Sharded, every rank attacks a
+        contiguous run of whole batches (batch b keeps its global index, so its seeds are those of the
+        single process); per-example verdicts are gathered and merged by global index (gaps and
+        duplicates are errors), the sanity report runs on rank 0 and every rank returns the same
+        result, identical to one process with the same ``batch_size`` (the suite's verdicts are
+        identical for any batch size too).
     """
     if suite not in (None, "standard"):
         raise ValueError(f"suite must be None or 'standard', got {suite!r}")
@@ -89,10 +98,17 @@ def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu"
         if atk.targeted and atk.target_map is None:
             raise ValueError(f"attack {name!r} is targeted without target_map: robustness needs true "
                              f"labels, so give target_map=(x, y) -> targets")
-    param = next(model.parameters(), None)
-    if param is not None and param.device != device:
-        raise ValueError(f"model is on {param.device} but device={str(device)!r}; move the model first")
+    model_on = module_device(model)
+    if model_on is not None and model_on != device:
+        raise ValueError(f"model is on {model_on} but device={str(device)!r}; move the model first")
 
+    sharded = dist_.active(distributed)
+    n_all = data_size(data)
+    local, b0, start, stop = data, 0, 0, n_all
+    if sharded:
+        b0, b1 = dist_.shard_batches(n_all, batch_size)
+        start, stop = min(n_all, b0 * batch_size), min(n_all, b1 * batch_size)
+        local = subset(data, start, stop)
     runs = {name: restarts if atk.stochastic else 1 for name, atk in named.items()}
     correct = {name: [[] for _ in range(r)] for name, r in runs.items()}
     curves = {}
@@ -100,10 +116,12 @@ def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu"
     clean = []
     subset_x, subset_y = [], []
     t0 = time.perf_counter()
-    total = num_batches(data, batch_size) * (1 + sum(runs.values()))
-    bar = tqdm(total=total, desc="robustness", disable=None if progress else True, leave=False)
+    total = (num_batches(local, batch_size) if stop > start else 0) * (1 + sum(runs.values()))
+    show = progress and (not sharded or dist_.is_main())   # sharded: rank 0's bar only
+    bar = tqdm(total=total, desc="robustness", disable=None if show else True, leave=False)
     try:
-        for b, (xb, yb) in enumerate(iter_batches(data, batch_size, device)):
+        batches = iter_batches(local, batch_size, device) if stop > start or not sharded or not n_all else ()
+        for b, (xb, yb) in enumerate(batches, start=b0):
             with frozen_state([model]), torch.no_grad():
                 logits = model(xb)
             check_labels_fit(yb, logits.shape[1], "data labels")
@@ -111,7 +129,7 @@ def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu"
             clean.append(clean_ok.cpu().numpy())
             bar.update(1)
             have = sum(len(t) for t in subset_y)
-            if sanity and have < sanity_examples:
+            if sanity and have < sanity_examples and not sharded:
                 subset_x.append(xb[:sanity_examples - have])
                 subset_y.append(yb[:sanity_examples - have])
             for name, atk in named.items():
@@ -152,14 +170,19 @@ def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu"
         if suite_eps is None:
             raise ValueError("suite: give eps= (no PGD attack to take the budget from)")
         suite_result = standard_suite(model, data, suite_eps, seed=seed, batch_size=batch_size, device=device,
-                                      progress=progress, **(suite_options or {}))
+                                      progress=progress, distributed=sharded, **(suite_options or {}))
     config = {"restarts": restarts, "seed": seed, "batch_size": batch_size, "device": str(device),
               "bops": bops, "record_iterations": record_iterations,
               "eps": main.eps if main else None, "alpha": getattr(main, "alpha", None),
               "steps": getattr(main, "steps", None), "main_attack": main.name if main else None}
+    if sharded:
+        clean_all, correct_all, curves, extras = _merge_shards(n_all, start, stop, runs, clean, correct, curves,
+                                                               extras)
+    else:
+        clean_all = np.concatenate(clean)
+        correct_all = {k: np.stack([np.concatenate(run) for run in v]) for k, v in correct.items()}
     result = RobustnessResult(
-        model=_model_info(model), config=config, clean_correct=np.concatenate(clean),
-        correct={k: np.stack([np.concatenate(run) for run in v]) for k, v in correct.items()},
+        model=_model_info(model), config=config, clean_correct=clean_all, correct=correct_all,
         params={k: a.params() for k, a in named.items()}, curve_counts=curves, extras=extras,
         suite=suite_result)
     if suite_result is not None:
@@ -167,19 +190,62 @@ def robustness(model, data, attacks=(), restarts=5, batch_size=256, device="cpu"
         robust_all = np.logical_and.reduce(whitebox) if whitebox else None
         suite_result.masking = masking_verdict(suite_result, robust_all)
     result.timing = {"seconds": time.perf_counter() - t0}
-    if sanity:
+    if sanity and sharded:   # rank 0 alone, on the same first examples as one process; then shared
         t1 = time.perf_counter()
-        result.sanity = _sanity(model, named, result, main, torch.cat(subset_x), torch.cat(subset_y),
-                                restarts, seed, tol_pp)
-        if suite_result is not None:
-            m = suite_result.masking
-            result.sanity["checks"].append(check("gradient_free_vs_whitebox", m["verdict"] != "gradient masking "
-                                                 "suspected", {"count": m["count"], "fraction": m["fraction"]},
-                                                 m["message"]))
-            result.sanity["passed"] = all(c["passed"] is not False for c in result.sanity["checks"])
-            result.sanity["violations"] = [c["name"] for c in result.sanity["checks"] if c["passed"] is False]
+        report = None
+        if dist_.is_main():
+            sx, sy = take(data, range(min(n_all, sanity_examples)), device)
+            report = _sanity_report(model, named, result, main, sx, sy, restarts, seed, tol_pp, suite_result)
+        result.sanity = dist_.broadcast_object(report)
+        result.timing["sanity_seconds"] = time.perf_counter() - t1
+    elif sanity:
+        t1 = time.perf_counter()
+        result.sanity = _sanity_report(model, named, result, main, torch.cat(subset_x), torch.cat(subset_y),
+                                       restarts, seed, tol_pp, suite_result)
         result.timing["sanity_seconds"] = time.perf_counter() - t1
     return result
+
+
+def _sanity_report(model, named, result, main, x, y, restarts, seed, tol_pp, suite_result) -> dict:
+    report = _sanity(model, named, result, main, x, y, restarts, seed, tol_pp)
+    if suite_result is not None:
+        m = suite_result.masking
+        report["checks"].append(check("gradient_free_vs_whitebox", m["verdict"] != "gradient masking "
+                                      "suspected", {"count": m["count"], "fraction": m["fraction"]},
+                                      m["message"]))
+        report["passed"] = all(c["passed"] is not False for c in report["checks"])
+        report["violations"] = [c["name"] for c in report["checks"] if c["passed"] is False]
+    return report
+
+
+def _merge_shards(n, start, stop, runs, clean, correct, curves, extras):
+    """Gather every rank's per-example verdicts and merge them by global index (exact, checked)."""
+    k = stop - start
+    arrays = {"clean": np.concatenate(clean) if clean else np.zeros(0, bool)}
+    for name, r in runs.items():
+        arrays[f"attack:{name}"] = (np.stack([np.concatenate(run) for run in correct[name]]) if k
+                                    else np.zeros((r, 0), bool))
+    merged = dist_.gather_indexed(np.arange(start, stop), arrays, n)
+    correct_all = {name: merged[f"attack:{name}"] for name in runs}
+    # curves are counts of robust examples per iteration: they add over disjoint shards
+    curves_all = {}
+    for part in dist_.all_gather_object(curves):
+        for name, c in part.items():
+            if name in curves_all:
+                curves_all[name] = {key: curves_all[name][key] + c[key] for key in ("per_run", "worst")}
+            else:
+                curves_all[name] = {key: c[key].copy() for key in ("per_run", "worst")}
+    extras_all = {}
+    for part in dist_.all_gather_object(extras):
+        for name, e in part.items():
+            if name not in extras_all:
+                extras_all[name] = dict(e)
+                continue
+            tot = extras_all[name]
+            tot["max_linf"] = max(tot["max_linf"], e["max_linf"])
+            tot["outside_unit_range"] += e["outside_unit_range"]
+            tot["inconsistent"] += e["inconsistent"]
+    return merged["clean"], correct_all, {k: curves_all[k] for k in curves_all}, extras_all
 
 
 def _track_invariants(extra, atk, x, x_adv):

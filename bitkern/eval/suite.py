@@ -25,7 +25,8 @@ from ..attacks import APGD, APGDT, Square
 from ..attacks._rng import derive_seeds
 from ..attacks._validate import check_int, check_labels_fit, parse_eps
 from ..attacks.base import frozen_state
-from ._data import data_size, iter_batches, take
+from .. import distributed as dist_
+from ._data import data_size, iter_batches, subset, take
 
 SUITE_SCHEMA = "bitkern.suite/1"
 BUDGET_SLACK = 1e-6               # float32 rounding of x +/- eps
@@ -162,13 +163,19 @@ def masking_verdict(result: SuiteResult, whitebox_robust: np.ndarray | None = No
 
 def standard_suite(model, data, eps, *, seed: int = 0, batch_size: int = 256, device="cpu",
                    apgd_steps: int = 100, n_target_classes: int = 9, square_queries: int = 5000,
-                   attacks: dict | None = None, index_offset: int = 0, progress=True) -> SuiteResult:
+                   attacks: dict | None = None, index_offset: int = 0, progress=True,
+                   distributed=None) -> SuiteResult:
     """Worst-case robust accuracy under APGD-CE -> APGD-T -> Square (AutoAttack "standard", L-inf).
 
     data: a torch Dataset of (image, label) or an (x, y) tensor pair, images in [0, 1].
     eps: L-inf budget ("8/255" or a float in [0, 1]); 0 gives the clean accuracy.
     attacks: replace the chain (name -> Attack built for ``model``), e.g. fewer queries for a quick look.
     index_offset: global index of data's first example (shards of one data set seed like the whole).
+    distributed: None (default) shards when a torch.distributed group of more than one process is
+        initialized (torchrun), False never, True requires a group. Every rank runs the suite on a
+        contiguous share of the examples (seeded by global index), the verdicts are gathered and merged
+        by index (gaps and duplicates are errors); every rank returns the same, complete result,
+        identical to one process for any batch size.
     """
     eps = parse_eps(eps)
     seed = check_int(seed, "seed", 0)
@@ -183,6 +190,8 @@ def standard_suite(model, data, eps, *, seed: int = 0, batch_size: int = 256, de
             raise ValueError(f"suite attack {name!r} was built for a different model")
         if atk.eps is not None and abs(atk.eps - eps) > BUDGET_SLACK:
             raise ValueError(f"suite attack {name!r} has eps {atk.eps} but the suite runs at {eps}")
+    if dist_.active(distributed):
+        return _sharded_suite(model, data, eps, chain, seed, batch_size, device, index_offset, progress)
     n = data_size(data)
     names = list(chain)
     clean = np.zeros(n, dtype=bool)
@@ -231,6 +240,34 @@ def standard_suite(model, data, eps, *, seed: int = 0, batch_size: int = 256, de
                          timing={"seconds": time.perf_counter() - t0, "per_attack": seconds},
                          config={"seed": seed, "batch_size": batch_size, "device": str(device),
                                  "index_offset": index_offset})
+    result.masking = masking_verdict(result)
+    return result
+
+
+def _sharded_suite(model, data, eps, chain, seed, batch_size, device, index_offset, progress) -> SuiteResult:
+    """standard_suite on this rank's contiguous share, gathered and merged by global index on every rank."""
+    t0 = time.perf_counter()
+    n = data_size(data)
+    start, stop = dist_.shard_range(n)
+    part = None
+    if stop > start:
+        part = standard_suite(model, subset(data, start, stop), eps, seed=seed, batch_size=batch_size,
+                              device=device, attacks=chain, index_offset=index_offset + start,
+                              progress=progress and dist_.is_main(), distributed=False)
+    parts = [p for p in dist_.all_gather_object(None if part is None else (start, part)) if p is not None]
+    merged = dist_.merge_indexed([(np.arange(s, s + r.n_examples), {"clean": r.clean_correct,
+                                                                    "broken_by": r.broken_by, "cost": r.cost})
+                                  for s, r in parts], n)
+    first = parts[0][1]
+    attacked = {k: {"ran_on": sum(r.attacked[k]["ran_on"] for _, r in parts),
+                    "broke": sum(r.attacked[k]["broke"] for _, r in parts)} for k in first.attacks}
+    per_attack = {k: max(r.timing.get("per_attack", {}).get(k, 0.0) for _, r in parts) for k in first.attacks}
+    result = SuiteResult(eps=first.eps, attacks=first.attacks, params=first.params,
+                         clean_correct=merged["clean"], broken_by=merged["broken_by"], cost=merged["cost"],
+                         attacked=attacked,
+                         timing={"seconds": time.perf_counter() - t0, "per_attack": per_attack,
+                                 "processes": dist_.world_size()},
+                         config={**first.config, "index_offset": index_offset})
     result.masking = masking_verdict(result)
     return result
 

@@ -1,9 +1,12 @@
 """CIFAR ResNet-20/32/44/56 (He et al. 2016, option-A shortcuts) and ImageNet ResNet-18, built from a quant spec.
 
 Block ordering (all specs): conv -> BN -> activation, residual added before the block's last activation.
-The activation is ReLU for fp / PACT / pruned nets and Hardtanh for XNOR / MBN nets (see quant.py).
-The first conv and the last fc always stay full precision. Inputs are in [0, 1]; normalisation
-(mean/std buffers) happens inside the model.
+The layers and the activation come from the quant scheme (bitkern.quant): ReLU for fp / PACT / pruned
+nets and Hardtanh for XNOR / MBN nets. The first conv and the last fc always stay full precision. Inputs
+are in [0, 1]; normalisation (mean/std buffers) happens inside the model.
+
+BasicBlock declares what bitkern.freeze may fuse once its convs are packed (``fusion_chains`` and
+``fuse_residual``); the fusion pass itself knows no block by name.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..nn import prune_channels_l1, prune_magnitude
-from .quant import QuantSpec, activation_for, make_conv, parse_quant
+from ..nn.packed import PackedMBNConv2d, activation_clamp
+from ..quant import QuantSpec, parse_quant
+from .._checks import int_in
 
 
 class OptionAShortcut(nn.Module):
@@ -32,25 +36,69 @@ class OptionAShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
+    """conv1 -> bn1 -> act1 -> conv2 -> bn2, + shortcut(x), -> act2."""
+
+    # For bitkern.freeze: (conv, BatchNorm, activation that only feeds the next layer, or None) triples whose
+    # BN (and activation) fold into the packed conv's epilogue. act2 follows the residual add: see
+    # fuse_residual.
+    fusion_chains = (("conv1", "bn1", "act1"), ("conv2", "bn2", None))
+
     def __init__(self, spec: QuantSpec, in_planes: int, planes: int, stride: int, shortcut: str):
         super().__init__()
-        self.conv1 = make_conv(spec, in_planes, planes, 3, stride, 1)
+        scheme = spec.scheme
+        self.conv1 = scheme.make_conv(spec, in_planes, planes, 3, stride, 1)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.act1 = activation_for(spec)
-        self.conv2 = make_conv(spec, planes, planes, 3, 1, 1)
+        self.act1 = scheme.make_activation(spec)
+        self.conv2 = scheme.make_conv(spec, planes, planes, 3, 1, 1)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.act2 = activation_for(spec)
+        self.act2 = scheme.make_activation(spec)
         if stride == 1 and in_planes == planes:
             self.shortcut = nn.Identity()
         elif shortcut == "A":
             self.shortcut = OptionAShortcut(in_planes, planes, stride)
         else:  # option B: 1x1 projection (quantized like the body) + BN
-            self.shortcut = nn.Sequential(make_conv(spec, in_planes, planes, 1, stride, 0), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(scheme.make_conv(spec, in_planes, planes, 1, stride, 0),
+                                          nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.act2(out + self.shortcut(x))
+
+    def fuse_residual(self) -> nn.Module | None:
+        """For bitkern.freeze, after the folding: a ResidualFusedBlock when conv2 is packed, absorbed bn2
+        and act2 is a clamp; else None (the block stays as it is)."""
+        if type(self).forward is not BasicBlock.forward:  # a subclass computing something else: keep it
+            return None
+        return ResidualFusedBlock(self) if residual_fusable(self) else None
+
+
+def residual_fusable(block: nn.Module) -> bool:
+    conv2 = block.conv2
+    return (isinstance(conv2, PackedMBNConv2d) and not conv2.is_linear and conv2.clamp is None
+            and isinstance(block.bn2, nn.Identity) and activation_clamp(block.act2) is not None)
+
+
+class ResidualFusedBlock(nn.Module):
+    """A frozen BasicBlock whose residual add and act2 run in conv2's epilogue:
+    conv2(act1(bn1(conv1(x))), residual=shortcut(x)), conv2 carrying act2's clamp. Same submodule names
+    as BasicBlock (act2 becomes nn.Identity), so state_dict keys are unchanged."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        clamp = activation_clamp(block.act2)
+        conv2 = block.conv2
+        if not residual_fusable(block):
+            raise ValueError(f"block: expected a folded BasicBlock with a packed conv2 and a Hardtanh / ReLU "
+                             f"act2, got {block}")
+        self.conv1, self.bn1, self.act1 = block.conv1, block.bn1, block.act1
+        self.conv2, self.bn2, self.act2 = conv2, block.bn2, nn.Identity()
+        self.shortcut = block.shortcut
+        conv2.clamp = clamp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.conv2(out, residual=self.shortcut(x))
 
 
 def _norm_buffer(values, channels: int, name: str) -> torch.Tensor:
@@ -69,7 +117,7 @@ class QuantResNet(nn.Module):
                  stem_planes: int, widths: Sequence[int], depths: Sequence[int], shortcut: str,
                  mean, std):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if not int_in(num_classes, 1):
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         self.arch, self.quant, self.num_classes, self.in_channels = arch, str(spec), num_classes, in_channels
         self.register_buffer("mean", _norm_buffer(mean, in_channels, "mean"))
@@ -109,16 +157,12 @@ ARCHS = tuple(CIFAR_DEPTHS) + ("resnet18",)
 CIFAR_MEAN, CIFAR_STD = 0.5, 0.25
 
 
-def _apply_pruning(model: nn.Module, spec: QuantSpec) -> nn.Module:
-    if spec.kind == "prune-weight":
-        prune_magnitude(model, spec.prune_percent / 100)
-    elif spec.kind == "prune-channel":
-        prune_channels_l1(model, spec.prune_percent / 100)
-    return model
+def _finish(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    return spec.scheme.finish_model(spec, model)  # e.g. pruning masks
 
 
 def _check_in_channels(in_channels) -> int:
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+    if not int_in(in_channels, 1):
         raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
     return in_channels
 
@@ -131,7 +175,7 @@ def cifar_resnet(arch: str, quant="fp", num_classes: int = 10, in_channels: int 
     stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
     model = QuantResNet(arch, spec, num_classes, in_channels, stem, 16, (16, 32, 64), (depth,) * 3, "A",
                         mean, std)
-    return _apply_pruning(model, spec)
+    return _finish(model, spec)
 
 
 def resnet20(quant="fp", num_classes: int = 10, in_channels: int = 3, **kw) -> QuantResNet:
@@ -163,7 +207,7 @@ def resnet18(quant="fp", num_classes: int = 1000, in_channels: int = 3, mean=(0.
                          nn.MaxPool2d(3, 2, 1))
     model = QuantResNet("resnet18", spec, num_classes, in_channels, stem, 64, (64, 128, 256, 512),
                         (2, 2, 2, 2), "B", mean, std)
-    return _apply_pruning(model, spec)
+    return _finish(model, spec)
 
 
 _BUILDERS = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44, "resnet56": resnet56,
@@ -178,4 +222,4 @@ def create(arch: str, quant="fp", num_classes: int = 10, in_channels: int = 3, *
 
 
 __all__ = ["create", "resnet18", "resnet20", "resnet32", "resnet44", "resnet56", "QuantResNet", "ARCHS",
-           "OptionAShortcut", "BasicBlock"]
+           "OptionAShortcut", "BasicBlock", "ResidualFusedBlock"]

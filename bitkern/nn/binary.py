@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import ops
+from .packed import PackedMBNConv2d, packed_from_bases
+from .precision import Precision
 
 
 def _check_bases(name: str, value) -> int:
@@ -90,6 +91,15 @@ class _MultiBitBases:
     def bases(self) -> torch.Tensor:
         return weight_bases(self.weight, self.u, self.per_channel)
 
+    @property
+    def precision(self) -> Precision:
+        return Precision("mbn", self.M, self.N, "binary")
+
+    @torch.no_grad()
+    def to_packed(self) -> PackedMBNConv2d:
+        """The inference-only packed layer (sign bits of the bases, alpha / v / beta as buffers)."""
+        return _to_packed(self, self.bases(), self.alpha, self.v, self.beta, xnor=False)
+
 
 class MBNConv2d(_MultiBitBases, nn.Conv2d):
     """ABC-Net multi-bit convolution: M weight bases x N activation bases (paper 000 Eq. 2).
@@ -112,15 +122,38 @@ class MBNConv2d(_MultiBitBases, nn.Conv2d):
         return super().extra_repr() + f", M={self.M}, N={self.N}, per_channel={self.per_channel}"
 
 
-class XNORConv2d(nn.Conv2d):
+def _to_packed(module: nn.Module, bases: torch.Tensor, alpha, v, beta, xnor: bool) -> PackedMBNConv2d:
+    if isinstance(module, nn.Linear):
+        return packed_from_bases(bases[..., None, None], alpha, v, beta, module.bias,
+                                 in_channels=module.in_features, out_channels=module.out_features, xnor=xnor,
+                                 is_linear=True)
+    return packed_from_bases(bases, alpha, v, beta, module.bias, in_channels=module.in_channels,
+                             out_channels=module.out_channels, kernel_size=module.kernel_size,
+                             stride=module.stride, padding=module.padding, xnor=xnor)
+
+
+class _XNORWeights:
+    """XNOR-Net: sign weights scaled by mean|W| per output, sign activations (M = N = 1)."""
+
+    M = 1
+    N = 1
+
+    @property
+    def precision(self) -> Precision:
+        return Precision("xnor", 1, 1, "binary")
+
+    @torch.no_grad()
+    def to_packed(self) -> PackedMBNConv2d:
+        """The inference-only packed layer (sign bits of W, mean|W| as alpha)."""
+        return _to_packed(self, self.weight.unsqueeze(0), self.scale(), None, None, xnor=True)
+
+
+class XNORConv2d(_XNORWeights, nn.Conv2d):
     """XNOR-Net convolution: sign weights scaled by mean|W| per output channel, sign activations.
 
     Runs the MBN op with M = 1, v = None (activation bit = x >= 0, STE window |x| <= 1) and
     alpha = mean|W| (differentiable, as in XNOR-Net).
     """
-
-    M = 1
-    N = 1
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
@@ -161,11 +194,8 @@ class MBNLinear(_MultiBitBases, _LinearAsConv):
         return self._finish(ops.mbn_conv2d(x4, w, self.alpha, self.v, self.beta, 1, 0), lead)
 
 
-class XNORLinear(_LinearAsConv):
+class XNORLinear(_XNORWeights, _LinearAsConv):
     """XNOR-Net fully connected layer: sign(W) * mean|W| per output, sign activations."""
-
-    M = 1
-    N = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
@@ -179,24 +209,5 @@ class XNORLinear(_LinearAsConv):
         return self._finish(ops.mbn_conv2d(x4, w, self.scale(), None, None, 1, 0), lead)
 
 
-def float_mbn_reference(x, w_bases, alpha, v, beta, stride=1, padding=0) -> torch.Tensor:
-    """Forward value of the MBN convolution with plain F.conv2d (used by tests to cross-check layers)."""
-    M = w_bases.shape[0]
-    alpha2d = alpha.reshape(M, 1).expand(M, w_bases.shape[1]) if alpha.dim() == 1 else alpha
-    signs_w = torch.where(w_bases >= 0, 1.0, -1.0)
-    if v is None:
-        acts = [torch.where(x >= 0, 1.0, -1.0)]
-        betas = [1.0] if beta is None else [float(beta.reshape(-1)[0])]
-    else:
-        acts = [torch.where((x.float() + float(vn)) >= 0.5, 1.0, -1.0) for vn in v]
-        betas = [1.0] * len(acts) if beta is None else [float(b) for b in beta]
-    out = 0
-    for m in range(M):
-        for n, act in enumerate(acts):
-            out = out + betas[n] * alpha2d[m].reshape(1, -1, 1, 1) * F.conv2d(
-                act, signs_w[m], stride=stride, padding=padding)
-    return out
-
-
 __all__ = ["MBNConv2d", "MBNLinear", "XNORConv2d", "XNORLinear", "weight_shifts", "activation_shifts",
-           "weight_bases", "least_squares_alpha", "float_mbn_reference"]
+           "weight_bases", "least_squares_alpha"]

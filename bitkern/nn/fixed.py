@@ -8,9 +8,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import Precision
+from .._checks import int_in
+
 
 def check_bits(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+    if not int_in(value, 1, 8):
         raise ValueError(f"{name}: expected an int number of bits in 1..8, got {value!r}")
     return value
 
@@ -53,6 +56,10 @@ class _PactInput(nn.Module):
         self.w_bits = check_bits("w_bits", w_bits)
         self.a_bits = check_bits("a_bits", a_bits)
         self.pact_alpha = nn.Parameter(torch.tensor(float(pact_init)))
+
+    @property
+    def precision(self) -> Precision:
+        return Precision("fixed", self.w_bits, self.a_bits, "fixed")
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return pact_quantize(x, self.pact_alpha, self.a_bits)

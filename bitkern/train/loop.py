@@ -1,5 +1,7 @@
 """The training loop: batches, optimizer, schedule, logging, checkpoints and resume.
 
+Evaluation lives in bitkern.eval (``evaluate_accuracy``, used here for the per-epoch ``eval_data``).
+
 Determinism: torch.manual_seed(seed) before training; batch order and augmentation come from a
 generator reseeded per epoch from (seed, epoch), recipes reseed theirs the same way. So a run
 resumed from the checkpoint of epoch e repeats exactly what the uninterrupted run does (on CPU,
@@ -21,10 +23,14 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist_
+from .._checks import int_in
+from ..eval._data import tensor_pair
+from ..eval.accuracy import evaluate_accuracy
 from .recipes import Recipe, StepContext, make_recipe
 from .schedules import SCHEDULES, lr_at
 
-__all__ = ["fit", "TrainResult", "evaluate_accuracy", "KILL_ENV"]
+__all__ = ["fit", "TrainResult", "KILL_ENV"]
 
 # Test hook: after the checkpoint of this epoch (1-based) is written, the process SIGKILLs itself,
 # simulating an interrupted run for the resume tests.
@@ -47,24 +53,6 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-def _as_tensors(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-    elif hasattr(data, "tensors") and len(data.tensors) == 2:  # TensorDataset
-        x, y = data.tensors
-    else:
-        raise TypeError(f"{what} must be an (x, y) tensor pair or a TensorDataset, got {type(data).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"{what}: x must be a float tensor [n, C, H, W], got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"{what}: y must be an int64 tensor [n] matching x ({x.shape[0]}), got "
-                         f"{tuple(getattr(y, 'shape', ()))}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{what} is empty")
-    return x, y.long()
-
-
 def _augment_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding + horizontal flip, the standard CIFAR augmentation."""
     b, _, h, w = x.shape
@@ -78,20 +66,6 @@ def _augment_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> t
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, data, batch_size: int = 512, device: str | torch.device = "cpu") -> float:
-    """Clean top-1 accuracy in % (model in eval mode; restored afterwards)."""
-    x, y = _as_tensors(data, "eval data")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        out = model(x[i:i + batch_size].to(device))
-        correct += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
-    model.train(was_training)
-    return 100.0 * correct / x.shape[0]
 
 
 def _make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
@@ -115,7 +89,7 @@ def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epoch
         seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
         log_path: str | os.PathLike | None = None, eval_data=None, progress: bool | None = None,
         meta: dict[str, Any] | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        ) -> TrainResult:
+        distributed: bool | None = None) -> TrainResult:
     """Train ``model`` in place with a recipe; returns a TrainResult (model, per-epoch history).
 
     recipe: natural | fastat | pgd | bim | free | dq | odgq (or a Recipe instance), with recipe_args
@@ -125,14 +99,25 @@ def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epoch
     (default: the recipe's, cyclic for fastat, cosine otherwise); the learning rate is set per
     optimizer step. checkpoint_dir: a checkpoint is written after every epoch; with resume=True an
     existing one is continued (the run configuration must match). log_path: JSON lines, one per epoch.
+
+    distributed: None (default) trains with DistributedDataParallel when a torch.distributed group of
+    more than one process is initialized (torchrun), False never, True requires a group. batch_size
+    stays the global batch: every rank draws the same permutation, augmentation and recipe randomness
+    for the whole batch and trains its contiguous share of positions (per-rank batch = global / world
+    size), the loss is weighted so the averaged gradient is the one of the whole batch, and per-position
+    recipe state (Free AT's delta, ODG-Q's P) is kept consistent across ranks; so a run matches the
+    single process up to float rounding (exactly so without BatchNorm: BatchNorm normalises with each
+    rank's own batch statistics, DDP's default, and keeps rank 0's running statistics). Rank 0 alone
+    writes the checkpoint (atomically), the log and calls on_epoch; a checkpoint resumes on any number
+    of processes.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not int_in(epochs, 1):
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not int_in(batch_size, 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    x_all, y_all = _as_tensors(train_data, "train_data")
+    x_all, y_all = tensor_pair(train_data, "train_data")
     args = dict(recipe_args or {})
     if eps is not None:
         args["eps"] = eps
@@ -140,7 +125,9 @@ def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epoch
     schedule = schedule or rec.default_schedule
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    device = torch.device(device)
+    sharded = dist_.active(distributed)
+    lead = not sharded or dist_.is_main()   # the process that writes, logs and reports
+    device = dist_.local_device(device) if sharded else torch.device(device)
     model.to(device)
     opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum,
                           weight_decay)
@@ -177,23 +164,33 @@ def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epoch
                        c.state.get("recipe_state", {}))
         state = {"step": int(c.state["step"]), "history": list(c.state.get("history", []))}
         start_epoch = resumed_from = int(c.state["epoch"])
-    log_file = Path(log_path) if log_path is not None else None
+    log_file = Path(log_path) if log_path is not None and lead else None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         if start_epoch == 0:
             log_file.write_text("")
+
+    weight = [1.0]   # sharded: this rank's loss weight, world * (its examples) / (global batch)
 
     def step(loss: torch.Tensor) -> None:
         cur = lr_at(schedule, state["step"], total_steps, lr)
         for g in opt.param_groups:
             g["lr"] = cur
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight[0] if sharded else loss).backward()
         opt.step()
         state["step"] += 1
 
-    ctx = StepContext(model, step)
-    show = _progress_enabled(progress)
+    if sharded:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(_TrainForward(model), device_ids=[device.index] if device.type == "cuda"
+                                      else None, broadcast_buffers=True)
+        ctx = StepContext(ddp, step, module=model, gather=lambda t: _GatherBatch.apply(t, rec.batch_slice[2]))
+        world, owner = dist_.world_size(), _Owners(rec)
+    else:
+        ctx = StepContext(model, step)
+    show = _progress_enabled(progress) and lead
     kill_after = os.environ.get(KILL_ENV)
     from tqdm.auto import tqdm
 
@@ -211,8 +208,19 @@ def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epoch
             x, y = x_all[idx], y_all[idx]
             if augment:
                 x = _augment_crop_flip(x, gen)
+            if sharded:   # this rank's contiguous share of the global batch's positions
+                total = int(idx.shape[0])
+                lo, hi = dist_.shard_range(total)
+                owner.before(lo, hi, total)
+                weight[0] = world * (hi - lo) / total
+                if hi == lo:   # no example left for this rank: a weight-0 pass keeps DDP's collectives in step
+                    lo, hi = 0, 1
+                rec.batch_slice = (lo, hi, total)
+                x, y = x[lo:hi], y[lo:hi]
             x, y = x.to(device), y.to(device)
             loss, logits = rec.train_batch(ctx, x, y, bi)
+            if sharded and weight[0] == 0:
+                continue
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged: loss {loss} at epoch {epoch + 1}, batch {bi} "
                                          f"(lower the learning rate, currently {lr})")
@@ -221,26 +229,133 @@ def fit(model: nn.Module, train_data, *, recipe: str | Recipe = "natural", epoch
             seen += y.shape[0]
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
         bar.close()
+        if sharded:   # whole-batch statistics, recipe state and rank 0's BatchNorm buffers on every rank
+            loss_sum, correct, seen = dist_.all_reduce_sum([loss_sum, correct, seen], device)
+            correct, seen = int(correct), int(seen)
+            owner.sync()
+            dist_.broadcast_tensors(list(model.buffers()))
+            rec.batch_slice = None
         row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
                "lr": lr_at(schedule, max(state["step"] - 1, 0), total_steps, lr),
                "time_s": round(time.perf_counter() - t0, 3)}
-        if eval_data is not None:
+        if eval_data is not None and lead:
             row["eval_acc"] = evaluate_accuracy(model, eval_data, device=device)
+        if sharded:
+            row = dist_.broadcast_object(row)
         state["history"].append(row)
         if log_file is not None:
             with open(log_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and lead:
             extra = {f"recipe/{k}": v for k, v in rec.state_tensors().items()}
             ckpt.save_checkpoint(checkpoint_dir, model=model, optimizer=opt, tensors=extra, state={
                 **ckpt.model_meta(model), **(meta or {}), "config": config, "epoch": epoch + 1,
                 "step": state["step"], "history": state["history"], "recipe_state": rec.state_json(),
                 "metrics": row})
-        if on_epoch is not None:
+        if sharded:
+            dist_.barrier()   # the checkpoint is complete before any rank goes on (or is killed)
+        if on_epoch is not None and lead:
             on_epoch(row)
         if kill_after is not None and epoch + 1 == int(kill_after):
             os.kill(os.getpid(), signal.SIGKILL)
 
     model.eval()
+    if sharded:
+        del ddp
     return TrainResult(model=model, history=state["history"], epochs_run=run_epochs, resumed_from=resumed_from,
                        recipe=rec.name, recipe_args=rec.args())
+
+
+class _TrainForward(nn.Module):
+    """What DistributedDataParallel wraps: the model's forward, or ``fn(model, *xs)`` as one forward
+    (StepContext.call, e.g. ODG-Q's features + logits of two inputs)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs, fn=None):
+        return self.model(*xs) if fn is None else fn(self.model, *xs)
+
+
+class _Owners:
+    """Which rank last wrote each position of the recipe's per-position state (Free AT's delta, ODG-Q's P).
+
+    Every rank keeps the whole state but updates only its positions; before a batch whose split differs
+    (the smaller last batch) and at the end of every epoch, the positions are gathered from their
+    owners (an all-reduce of masked copies: exact), so every rank sees what the single process sees."""
+
+    def __init__(self, rec: Recipe):
+        self.rec = rec
+        self.owner: torch.Tensor | None = None   # int [positions], -1 = the same on every rank
+
+    def _tensors(self):
+        for name, dim in self.rec.position_dims.items():
+            t = getattr(self.rec, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t, dim
+
+    def before(self, lo: int, hi: int, total: int) -> None:
+        tensors = list(self._tensors())
+        if not tensors:
+            return
+        size = tensors[0][0].shape[tensors[0][1]]
+        if self.owner is None:
+            self.owner = torch.full((size,), -1, dtype=torch.long)
+        split = torch.full((size,), -1, dtype=torch.long)
+        world = dist_.world_size()
+        for r in range(world):
+            a, b = dist_.shard_range(total, r, world)
+            split[a:b] = r
+        # every rank computes the same owners, so they agree on whether to synchronise
+        stale = (self.owner[:total] >= 0) & (self.owner[:total] != split[:total])
+        if bool(stale.any()):
+            self.sync()
+            self.owner = torch.full((size,), -1, dtype=torch.long)
+        self.owner[:total] = split[:total]
+
+    def sync(self) -> None:
+        if self.owner is None:
+            return
+        mine = self.owner == dist_.rank()
+        keep = self.owner < 0
+        for t, dim in self._tensors():
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            m_mine = mine.to(t.device).view(shape)
+            m_keep = keep.to(t.device).view(shape)
+            masked = torch.where(m_mine, t, torch.zeros_like(t))
+            dist_.all_reduce_tensor(masked)
+            t.copy_(torch.where(m_keep, t, masked))
+        self.owner.fill_(-1)
+
+
+class _GatherBatch(torch.autograd.Function):
+    """Rows of a per-example tensor from every rank, in global batch order (rank r holds positions
+    shard_range(total, r)); the same tensor on every rank.
+
+    Every rank then computes the same coupled loss term (bitwise: same inputs, same ops); backward keeps
+    this rank's rows of that (identical) gradient, scaled by total / (its rows): the training step
+    weights the loss by world * rows / total and DDP averages over the world, so the term's gradient is
+    exactly once the single-process one. A weight-0 rank (no rows) gets a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, t, total):
+        world, rank = dist_.world_size(), dist_.rank()
+        shares = [dist_.shard_range(total, r, world) for r in range(world)]
+        lo, hi = shares[rank]
+        rows = max(b - a for a, b in shares)
+        buf = t.new_zeros((rows, *t.shape[1:]))
+        buf[:hi - lo] = t[:hi - lo]
+        parts = [torch.empty_like(buf) for _ in range(world)]
+        torch.distributed.all_gather(parts, buf.contiguous())
+        ctx.local = (hi - lo, t.shape[0], total, lo)
+        return torch.cat([p[:b - a] for p, (a, b) in zip(parts, shares)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, local_rows, total, lo = ctx.local
+        out = grad.new_zeros((local_rows, *grad.shape[1:]))
+        if rows:
+            out[:rows] = grad[lo:lo + rows] * (total / rows)
+        return out, None

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant import parse_quant
+from .._checks import int_in
+
 __all__ = ["Recipe", "RECIPES", "make_recipe", "mmd_gaussian", "lipschitz_penalty", "StepContext"]
 
 DEFAULT_EPS = 8 / 255
@@ -27,11 +30,24 @@ class StepContext:
 
     ``step(loss)`` zeroes gradients, back-propagates (input tensors with requires_grad receive .grad
     too), sets the scheduled learning rate and steps the optimizer.
+    ``model``: the training forward (under DistributedDataParallel, the DDP wrapper, whose backward
+    averages the gradients over ranks); ``module``: the model itself, for passes that only need input
+    gradients (attack steps) or attributes; ``call(fn, *xs)`` runs ``fn(module, *xs)`` as one training
+    forward (through DDP when wrapped); ``gather(t)``: the whole global batch's rows of a per-example
+    tensor (the identity in one process), for losses that couple examples (ODG-Q's MMD).
     """
 
-    def __init__(self, model: nn.Module, step: Callable[[torch.Tensor], None]):
+    def __init__(self, model: nn.Module, step: Callable[[torch.Tensor], None], module: nn.Module | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self.step = step
+        self.module = model if module is None else module
+        self.gather = gather if gather is not None else (lambda t: t)
+
+    def call(self, fn: Callable, *xs: torch.Tensor):
+        if self.model is self.module:
+            return fn(self.module, *xs)
+        return self.model(*xs, fn=fn)
 
 
 def _ball(x_adv: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,6 +75,9 @@ class Recipe:
     default_schedule = "cosine"
     epoch_divisor = 1
     steps_per_batch = 1
+    # per-position state tensors (attribute name -> the dimension indexed by position in the batch),
+    # kept consistent across ranks by the training loop
+    position_dims: dict[str, int] = {}
 
     def __init__(self, eps: float = DEFAULT_EPS, **unknown: Any):
         if unknown:
@@ -66,6 +85,11 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: unknown argument(s) {sorted(unknown)}; accepted: {accepted}")
         self.eps = _check_budget("eps", eps)
         self.generator = torch.Generator()
+        # Set by the training loop under DistributedDataParallel: (lo, hi, B) = this rank trains positions
+        # lo..hi-1 of the global batch of B examples. Random draws are made for the whole global batch
+        # and sliced, per-position state is indexed at lo..hi-1, so a rank does what the single process
+        # does on those positions. None: the whole batch (one process).
+        self.batch_slice: tuple[int, int, int] | None = None
 
     # ---- configuration -------------------------------------------------------------------------
     def args(self) -> dict[str, Any]:
@@ -101,8 +125,17 @@ class Recipe:
         return float(loss.detach()), logits.detach()
 
     def _uniform(self, like: torch.Tensor, eps: float) -> torch.Tensor:
-        u = torch.rand(like.shape, generator=self.generator, dtype=like.dtype)
+        if self.batch_slice is None:
+            u = torch.rand(like.shape, generator=self.generator, dtype=like.dtype)
+        else:   # the draws of the whole global batch, this rank's positions
+            lo, hi, total = self.batch_slice
+            u = torch.rand((total, *like.shape[1:]), generator=self.generator, dtype=like.dtype)[lo:lo + like.shape[0]]
         return ((2.0 * u - 1.0) * eps).to(like.device)
+
+    def _positions(self, b: int) -> slice:
+        """Positions of this batch's b examples in per-position state ([:b] in one process)."""
+        lo = 0 if self.batch_slice is None else self.batch_slice[0]
+        return slice(lo, lo + b)
 
 
 def _check_nonneg(name: str, value, maximum: float = math.inf, positive: bool = False) -> float:
@@ -123,7 +156,7 @@ MAX_INNER_STEPS = 1000  # attack steps / replays / perturbation slots per batch:
 
 
 def _check_posint(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INNER_STEPS:
+    if not int_in(value, 1, MAX_INNER_STEPS):
         raise ValueError(f"{name} must be an int in 1..{MAX_INNER_STEPS}, got {value!r}")
     return value
 
@@ -150,7 +183,7 @@ class FastAT(Recipe):
     def train_batch(self, ctx, x, y, batch_index):
         delta = self._uniform(x, self.eps)
         x_start = (x + delta).clamp(0.0, 1.0)
-        g = _input_grad(ctx.model, x_start, y)
+        g = _input_grad(ctx.module, x_start, y)
         x_adv = _ball(x_start + self.alpha_factor * self.eps * g.sign(), x, self.eps).detach()
         self.last_delta = x_adv - x
         logits = ctx.model(x_adv)
@@ -182,7 +215,7 @@ class PGDAT(Recipe):
         return x_adv.detach()
 
     def train_batch(self, ctx, x, y, batch_index):
-        x_adv = self.perturb(ctx.model, x, y)
+        x_adv = self.perturb(ctx.module, x, y)
         logits = ctx.model(x_adv)
         loss = F.cross_entropy(logits, y)
         ctx.step(loss)
@@ -209,6 +242,8 @@ class FreeAT(Recipe):
         super().__init__(eps, **unknown)
         self.delta: torch.Tensor | None = None
 
+    position_dims = {"delta": 0}
+
     @property
     def epoch_divisor(self):  # type: ignore[override]
         return self.m
@@ -232,14 +267,14 @@ class FreeAT(Recipe):
             self.delta = tensors["delta"].clone()
 
     def train_batch(self, ctx, x, y, batch_index):
-        b = x.shape[0]
+        pos = self._positions(x.shape[0])
         loss_sum, logits = 0.0, None
         for _ in range(self.m):
-            delta = self.delta[:b].detach().clone().requires_grad_(True)
+            delta = self.delta[pos].detach().clone().requires_grad_(True)
             out = ctx.model((x + delta).clamp(0.0, 1.0))
             loss = F.cross_entropy(out, y)
             ctx.step(loss)  # one backward: parameter grads for the step, delta.grad for the replay
-            self.delta[:b] = (delta.detach() + self.eps * delta.grad.sign()).clamp(-self.eps, self.eps)
+            self.delta[pos] = (delta.detach() + self.eps * delta.grad.sign()).clamp(-self.eps, self.eps)
             loss_sum += float(loss.detach())
             logits = out.detach()
         return loss_sum / self.m, logits
@@ -291,7 +326,7 @@ class DQ(Recipe):
 
     def train_batch(self, ctx, x, y, batch_index):
         logits = ctx.model(x)
-        loss = F.cross_entropy(logits, y) + self.beta * lipschitz_penalty(ctx.model)
+        loss = F.cross_entropy(logits, y) + self.beta * lipschitz_penalty(ctx.module)
         ctx.step(loss)
         return float(loss.detach()), logits.detach()
 
@@ -322,6 +357,12 @@ def _features_and_logits(model: nn.Module, x: torch.Tensor):
     return feats, logits
 
 
+def _odgq_forward(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor):
+    """ODG-Q's training forward: features + logits of x_adv, features of x (one DDP forward)."""
+    feats_adv, logits = _features_and_logits(model, x_adv)
+    return feats_adv, logits, model.forward_features(x)
+
+
 class ODGQ(Recipe):
     """ODG-Q (Tao & Wong), Algorithm 1 of paper 003.
 
@@ -343,6 +384,7 @@ class ODGQ(Recipe):
 
     name = "odgq"
     epoch_divisor = 2
+    position_dims = {"P": 1}
 
     def __init__(self, eps: float = DEFAULT_EPS, n_k: int = 4, lam: float = 3.0, eps_l: float | None = None,
                  **unknown):
@@ -378,24 +420,27 @@ class ODGQ(Recipe):
         self.k = int(state.get("k", 0))
 
     def train_batch(self, ctx, x, y, batch_index):
-        b, k, eps = x.shape[0], self.k, self.eps
-        x_g = x + self.P[k, :b].clamp(-eps, eps)                       # lines 4-5
-        g = _input_grad(ctx.model, x_g, y)                             # line 6
+        pos, k, eps = self._positions(x.shape[0]), self.k, self.eps
+        x_g = x + self.P[k, pos].clamp(-eps, eps)                      # lines 4-5
+        g = _input_grad(ctx.module, x_g, y)                            # line 6
         p_l = self.eps_l * g.sign()                                    # line 7
-        self.P[k:, :b] += p_l                                          # line 8
+        self.P[k:, pos] += p_l                                         # line 8
         x_adv = _ball(x_g + p_l.clamp(-eps, eps), x, eps).detach()     # line 9 (+ valid range)
         self.last_x_adv = x_adv
-        feats_adv, logits = _features_and_logits(ctx.model, x_adv)     # line 10
-        feats_nat = ctx.model.forward_features(x)
-        loss = F.cross_entropy(logits, y) + self.lam * mmd_gaussian(feats_adv, feats_nat)
+        feats_adv, logits, feats_nat = ctx.call(_odgq_forward, x_adv, x)  # line 10
+        loss = F.cross_entropy(logits, y) + self.lam * mmd_gaussian(ctx.gather(feats_adv), ctx.gather(feats_nat))
         ctx.step(loss)                                                 # line 11
         return float(loss.detach()), logits.detach()
 
     @staticmethod
     def lam_for_quant(quant: str | None) -> float:
-        """The paper's lambda: 0.003 for 1-bit models (xnor, pact-w1a1, mbn1x1), else 3."""
-        q = (quant or "").lower()
-        return 0.003 if q in ("xnor", "pact-w1a1", "mbn1x1") else 3.0
+        """The paper's lambda: 0.003 for 1-bit models (the quant scheme says: xnor, pact-w1a1, mbn1x1), else 3
+        (also for None or a spec no scheme parses)."""
+        try:
+            spec = parse_quant(quant)
+        except (ValueError, TypeError):
+            return 3.0
+        return 0.003 if spec.scheme.one_bit(spec) else 3.0
 
 
 RECIPES: dict[str, type[Recipe]] = {

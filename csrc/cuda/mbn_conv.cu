@@ -1,7 +1,8 @@
 // Multi-base XNOR-popcount convolution (bk_cuda.h): one thread per output position, kCoTile output
 // channels per thread; weight words of the channel tile are staged in shared memory (every thread of
 // a block reads the same word: a broadcast), activation words come from the zero-padded buffer, so
-// the inner loop has no bounds checks. Border positions subtract the padded-tap correction.
+// the inner loop has no bounds checks. Border positions subtract the padded-tap correction. The float
+// epilogue sums the base pairs n-outer, m-inner, rounding like the CPU engine (bit-identical out).
 #include <cuda_runtime.h>
 
 #include "bk_cuda.h"
@@ -46,8 +47,10 @@ mbn_conv_kernel(const uint64_t* __restrict__ xpad, const uint64_t* __restrict__ 
 #pragma unroll
   for (int j = 0; j < kCoTile; ++j) acc_out[j] = 0.0f;
 
-  for (int m = 0; m < M; ++m) {
-    for (int n = 0; n < N; ++n) {
+  // Base pairs n-outer, m-inner (docs/architecture.md): out = sum_n sum_m fl32(alpha[m,co] * beta[n]) *
+  // count_mn, each product and sum rounded to float32 in that order, like the CPU and torch backends.
+  for (int n = 0; n < N; ++n) {
+    for (int m = 0; m < M; ++m) {
       int pop[kCoTile];
 #pragma unroll
       for (int j = 0; j < kCoTile; ++j) pop[j] = 0;
@@ -99,7 +102,8 @@ mbn_conv_kernel(const uint64_t* __restrict__ xpad, const uint64_t* __restrict__ 
             pairs[dst] = count;
           }
           if (out != nullptr) {
-            // explicit rounding: the same float32 result as the CPU / Triton epilogue, fast-math or not
+            // explicit rounding (no FMA contraction): the same float32 result as the CPU / Triton
+            // epilogue, fast-math or not
             const float scale = __fmul_rn(alpha[row], beta_n);
             acc_out[j] = __fadd_rn(acc_out[j], __fmul_rn(scale, static_cast<float>(count)));
           }

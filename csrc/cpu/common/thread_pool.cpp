@@ -1,0 +1,125 @@
+#include "cpu/common/thread_pool.h"
+
+#include <pthread.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+
+namespace bk {
+namespace {
+
+class Pool {
+ public:
+  // Runs the job; returns false (without running anything) if another job holds the pool.
+  bool try_run(int64_t ntasks, int nthreads, int64_t grain,
+               const std::function<void(int64_t, int64_t)>& fn) {
+    std::unique_lock<std::mutex> job_lock(job_mu_, std::try_to_lock);
+    if (!job_lock.owns_lock()) return false;
+    const int helpers = nthreads - 1;
+    while (static_cast<int>(workers_.size()) < helpers) {
+      const int id = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, id] { worker_loop(id); });
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      ntasks_ = ntasks;
+      grain_ = grain;
+      next_.store(0);
+      helpers_ = helpers;
+      finished_ = 0;
+      error_ = nullptr;
+      ++generation_;
+    }
+    cv_.notify_all();
+    run_chunks();
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [&] { return finished_ == helpers_; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+    return true;
+  }
+
+ private:
+  void run_chunks() {
+    for (;;) {
+      const int64_t begin = next_.fetch_add(grain_);
+      if (begin >= ntasks_) return;
+      try {
+        (*fn_)(begin, std::min(ntasks_, begin + grain_));
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(ntasks_);
+      }
+    }
+  }
+
+  void worker_loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (id >= helpers_) continue;  // this job asked for fewer threads
+      }
+      run_chunks();
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        ++finished_;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  std::mutex job_mu_;  // one job at a time
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;  // detached at exit: the pool is intentionally never destroyed
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  std::atomic<int64_t> next_{0};
+  int64_t ntasks_ = 0, grain_ = 1;
+  int helpers_ = 0, finished_ = 0;
+  uint64_t generation_ = 0;
+  std::exception_ptr error_;
+};
+
+// The pool is leaked on purpose: joining threads during interpreter shutdown can deadlock. After
+// fork() the child has none of the parent's threads, so it starts a fresh pool.
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;
+std::once_flag g_atfork_once;
+
+void reset_after_fork() {
+  g_pool = nullptr;              // the parent's pool (and its threads) do not exist here
+  new (&g_pool_mu) std::mutex();  // it may have been held by a parent thread at fork time
+}
+
+Pool& pool() {
+  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, reset_after_fork); });
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (!g_pool) g_pool = new Pool();
+  return *g_pool;
+}
+
+}  // namespace
+
+void parallel_for(int64_t ntasks, int nthreads, int64_t grain,
+                  const std::function<void(int64_t, int64_t)>& fn) {
+  if (ntasks <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t max_useful = (ntasks + grain - 1) / grain;
+  nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, max_useful)));
+  if (nthreads > 1 && pool().try_run(ntasks, nthreads, grain, fn)) return;
+  for (int64_t b = 0; b < ntasks; b += grain) fn(b, std::min(ntasks, b + grain));
+}
+
+}  // namespace bk
