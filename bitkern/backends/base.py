@@ -30,7 +30,7 @@ PACK_MODES = ("sign", "hv")
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can do beyond the two kernels; bitkern.ops reads these instead of probing."""
-    devices: tuple[str, ...]        # device types it can run on (`available` says whether it can now)
+    devices: tuple[str, ...]        # device types it can run on, "*" for all (`available`: whether it can now)
     fused_epilogue: bool = False    # run_conv applies bias and clamp inside the kernel
     fused_residual: bool = False    # run_conv adds the residual inside the kernel (needs fused_epilogue)
     checks_nan: bool = False        # run_pack / run_conv raise ValueError for NaN in x while packing it
@@ -176,8 +176,10 @@ class Backend:
     reason: str = ""  # why it is unavailable (or where it runs, when available)
 
     def supports(self, device) -> bool:
-        """Whether this backend runs ops on tensors of `device` (bitkern.dispatch asks this)."""
-        return torch.device(device).type in self.capabilities.devices
+        """Whether this backend runs ops on tensors of `device` (bitkern.dispatch asks this); "*" in
+        `capabilities.devices` means every device type."""
+        devices = self.capabilities.devices
+        return "*" in devices or torch.device(device).type in devices
 
     def require(self, device) -> None:
         if not self.available:

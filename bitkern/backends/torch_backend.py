@@ -22,9 +22,6 @@ class TorchBackend(Backend):
     available = True
     reason = ""
 
-    def supports(self, device) -> bool:
-        return True
-
     def run_pack(self, x: torch.Tensor, mode: str, v: float) -> torch.Tensor:
         return _bitmath.pack_bits(_bitmath.binarize(x, mode, v))
 
