@@ -138,6 +138,13 @@ def _int_list(text: str) -> list[int]:
     return [_pos_int(s) for s in _csv(text)]
 
 
+def _seed_list(text: str) -> list[int]:
+    values = [_nonneg_int(s) for s in _csv(text)]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated seed in {text!r}")
+    return values
+
+
 def _shape(text: str) -> tuple[int, ...]:
     dims = tuple(_pos_int(s) for s in text.replace("x", ",").split(","))
     if len(dims) != 3:
@@ -247,13 +254,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=_nonneg_int, default=None,
                    help="test examples attacked (0 = all; default per dataset, digits: 100)")
     p.add_argument("--sanity", action="store_true", help="also run bitkern.eval's sanity report per config")
-    p.add_argument("--out", default="results/sweep", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output directory (default: results/sweep, with --preset "
+                                                "results/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue a killed sweep in --out")
     p.add_argument("--workers", type=_pos_int, default=None,
-                   help="processes training and attacking specs side by side (default: one per CPU core when "
-                        "torch runs single-threaded on the CPU, as for digits, else 1); the results do not "
-                        "depend on it")
+                   help="processes training and attacking configs side by side (default: one per CPU core when "
+                        "torch runs single-threaded on the CPU, which a sweep of several configs does unless "
+                        "--threads is given); the results do not depend on it")
     _add_runtime_args(p)
+    from .study.presets import PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a study preset (docs/findings.md: one per claim of the papers); options given here "
+                        "override it; output in results/<preset> unless --out is given")
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="several training seeds, e.g. 0,1: one config per spec and seed, tables show the mean "
+                        "and the standard deviation over seeds")
+    p.add_argument("--recipes", type=_csv, default=None,
+                   help="several training recipes side by side, e.g. natural,odgq,dq,free")
+    p.add_argument("--train-samples", type=_nonneg_int, default=None,
+                   help="train on a fixed class-balanced subset of this many examples (0 = all, the default)")
+    p.add_argument("--table-eps", type=_pos_budget, default=None,
+                   help="the main table's budget (one of --eps; default: the dataset's, the papers' 2/255)")
+    p.add_argument("--alpha-ratio", type=_pos_number, default=None,
+                   help="step = eps x this at every budget when --alpha is not given (default 0.25)")
+    p.add_argument("--attacks", type=_csv, default=None,
+                   help="the table budget's attacks, e.g. GN,FGSM,PGD-20,BIM-20,TPGD-20 (default: PGD-k for "
+                        "every --pgd-steps k)")
+    p.add_argument("--transfer-source", default=None, metavar="SPEC",
+                   help="also run every table attack crafted on a naturally trained SPEC model (black-box)")
+    p.add_argument("--apgd-targets", type=_pos_int, default=None,
+                   help="suite: APGD-T target classes (default 9, AutoAttack standard)")
+    # a preset can set these: None unless given (SweepConfig holds the defaults the help texts name)
+    p.set_defaults(dataset=None, arch=None, recipe=None, train_eps=None, pgd_steps=None, restarts=None,
+                   apgd_steps=None, square_queries=None, seed=None, out=None, image_size=None)
 
     p = sub.add_parser("train", help="train one model")
     _add_data_args(p)
@@ -330,21 +364,57 @@ def _progress(args):
     return False if args.no_progress else None
 
 
-def cmd_sweep(args) -> int:
-    from .study import DEFAULT_SPECS, SweepConfig, run_sweep
+# sweep options a preset may set: argparse leaves them None unless given, SweepConfig / the preset fill them
+_SWEEP_OPTIONS = {"dataset": "dataset", "data_dir": "data_dir", "arch": "arch", "specs": "specs",
+                  "recipe": "recipe", "recipes": "recipes", "epochs": "epochs", "batch_size": "batch_size",
+                  "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "schedule": "schedule",
+                  "augment": "augment", "train_eps": "train_eps", "train_samples": "train_samples", "eps": "eval_eps",
+                  "table_eps": "table_budget", "alpha": "eval_alpha", "alpha_ratio": "alpha_ratio",
+                  "pgd_steps": "pgd_steps", "attacks": "attacks", "transfer_source": "transfer_source",
+                  "restarts": "restarts", "eval_samples": "eval_samples", "suite": "suite",
+                  "square_queries": "square_queries", "apgd_steps": "apgd_steps", "apgd_targets": "apgd_targets",
+                  "image_size": "image_size", "seed": "seed", "seeds": "seeds", "out": "out", "workers": "workers"}
 
-    _check_out_dir(args.out, "--out", resume=args.resume)
+
+def sweep_config(args):
+    """The SweepConfig of a parsed ``bitkern sweep`` command line: the preset's options (if any) with the
+    explicitly given ones on top, SweepConfig's defaults for the rest."""
+    from .study import SweepConfig
+    from .study.presets import preset_config
+
+    if args.seed is not None and args.seeds is not None:
+        raise UsageError("give --seed or --seeds, not both")
+    if args.recipe is not None and args.recipes is not None:
+        raise UsageError("give --recipe or --recipes, not both")
+    opts = {field: getattr(args, dest) for dest, field in _SWEEP_OPTIONS.items() if getattr(args, dest) is not None}
+    for key in ("specs", "recipes", "eval_eps", "pgd_steps", "attacks", "seeds"):
+        if key in opts:
+            opts[key] = tuple(opts[key])
+    if "seed" in opts:
+        opts["seeds"] = (opts["seed"],)
+    if "recipe" in opts:
+        opts["recipes"] = (opts["recipe"],)
+    opts.setdefault("workers", None)   # the CLI's default: one process per core where that pays (runner)
+    opts.update(recipe_args=_recipe_args(args.recipe_arg), device=args.device, resume=args.resume,
+                sanity=args.sanity, progress=_progress(args))
+    if args.preset is not None:
+        return preset_config(args.preset, **opts)
+    return SweepConfig(**opts)
+
+
+def cmd_sweep(args) -> int:
+    from .study import run_sweep
+
+    cfg = sweep_config(args)
+    _check_out_dir(cfg.out, "--out", resume=args.resume)
+    args.dataset = cfg.dataset
     _setup_threads(args)
-    cfg = SweepConfig(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
-                      specs=tuple(args.specs or DEFAULT_SPECS), recipe=args.recipe,
-                      recipe_args=_recipe_args(args.recipe_arg), epochs=args.epochs, batch_size=args.batch_size,
-                      optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                      augment=args.augment, train_eps=args.train_eps,
-                      eval_eps=None if args.eps is None else tuple(args.eps), eval_alpha=args.alpha,
-                      pgd_steps=tuple(args.pgd_steps), restarts=args.restarts, eval_samples=args.eval_samples,
-                      suite=args.suite, square_queries=args.square_queries, apgd_steps=args.apgd_steps,
-                      image_size=args.image_size, device=args.device, seed=args.seed, out=args.out,
-                      resume=args.resume, sanity=args.sanity, progress=_progress(args), workers=args.workers)
+    resolved = cfg.resolved()
+    n_configs = len(resolved.specs) * len(resolved.recipes) * len(resolved.seeds)
+    if args.threads is None and n_configs > 1 and str(cfg.device) == "cpu":
+        import torch
+
+        torch.set_num_threads(1)   # several configs: one process per core beats threads on these small nets
     run_sweep(cfg, log=lambda s: print(s, flush=True))
     return 0
 

@@ -20,7 +20,7 @@ def _tiny(out, **kw):
 
 
 def _strip(rows):
-    return [{k: v for k, v in r.items() if k not in ("train_s", "eval_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("train_s", "eval_s", "epoch_s")} for r in rows]
 
 
 @pytest.fixture

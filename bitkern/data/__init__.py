@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ._common import (MAX_DATA_BYTES, MAX_DATA_BYTES_ENV, MAX_IMAGE_PIXELS, DataError, byte_limit,
-                      check_split)
+from ._common import (MAX_DATA_BYTES, MAX_DATA_BYTES_ENV, MAX_IMAGE_PIXELS, DataError, balanced_subset,
+                      byte_limit, check_split)
 from .cifar import (CIFAR10_BATCH_ROWS, CIFAR100_ROWS, CIFAR_ROW_BYTES, RestrictedUnpickler,
                     read_cifar_batch)
 from .digits import DIGITS_SEED, DIGITS_TEST_FRACTION
@@ -40,6 +40,7 @@ __all__ = [
     "DATASETS",
     "DataError",
     "load_dataset",
+    "balanced_subset",
     "dataset_info",
     "canonical_name",
     "read_idx",

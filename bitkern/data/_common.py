@@ -72,3 +72,28 @@ def check_split(where, labels: np.ndarray, num_classes: int | None, *, split: st
             more = f" and {missing.size - 10} more" if missing.size > 10 else ""
             raise DataError(f"{where}: the {split} split has no examples of class(es) "
                             f"{', '.join(map(str, names))}{more} (expected all {num_classes} classes)")
+
+
+def balanced_subset(y, n: int):
+    """Indices (int64, ascending) of a fixed class-balanced subset of ``n`` examples with labels ``y``:
+    the first ``n // C`` examples of every class in file order, and one more for the first ``n % C``
+    classes (C: the classes present). Independent of any seed, so every run of a study trains on the same
+    examples. ValueError if a class has too few examples or n exceeds len(y)."""
+    import torch
+
+    y = torch.as_tensor(y)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"subset size must be an integer >= 1, got {n!r}")
+    if n > y.numel():
+        raise ValueError(f"subset of {n} examples requested but the split has only {y.numel()}")
+    classes = torch.unique(y).tolist()
+    per, extra = divmod(n, len(classes))
+    picked = []
+    for i, c in enumerate(classes):
+        want = per + (1 if i < extra else 0)
+        idx = torch.nonzero(y == c).flatten()[:want]
+        if idx.numel() < want:
+            raise ValueError(f"class {c} has {idx.numel()} examples, fewer than the {want} a balanced subset "
+                             f"of {n} needs")
+        picked.append(idx)
+    return torch.sort(torch.cat(picked)).values

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json, atomic_write_text
-from .config import SweepConfig, SweepError
+from .config import SweepConfig, SweepError, run_key
 from .plots import write_plots
 from .tables import results_by_eps_csv, results_csv, results_markdown
 
-__all__ = ["RESULT_SCHEMA", "config_dir", "save_result", "load_done", "any_done", "write_summaries"]
+__all__ = ["RESULT_SCHEMA", "config_dir", "source_dir", "save_result", "load_done", "any_done", "write_summaries"]
 
 RESULT_SCHEMA = "bitkern.sweep/1"
 
@@ -22,8 +22,15 @@ def _safe_name(spec: str) -> str:
 
 
 def config_dir(cfg: SweepConfig, spec: str) -> Path:
-    """``<out>/configs/<spec>/``: checkpoint, weights, frozen model, robustness files, result.json."""
-    return Path(cfg.out) / "configs" / _safe_name(spec)
+    """``<out>/configs/<key>/`` (key: the spec, plus recipe / seed where the study has several; ``cfg`` is
+    the config's own, ``SweepConfig.for_run``): checkpoint, weights, frozen model, robustness files,
+    result.json."""
+    return Path(cfg.out) / "configs" / _safe_name(run_key(cfg, spec))
+
+
+def source_dir(cfg: SweepConfig) -> Path:
+    """``<out>/transfer-source/``: the naturally trained model the black-box attacks are crafted on."""
+    return Path(cfg.out) / "transfer-source"
 
 
 def save_result(cfg: SweepConfig, spec: str, row: dict[str, Any]) -> None:

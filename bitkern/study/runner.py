@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import pickle
 import queue as queue_mod
@@ -34,35 +36,56 @@ import torch
 from .. import checkpoint as ckpt
 from .. import distributed as dist_
 from .._io import atomic_write_json
-from ..data import dataset_info, load_dataset
+from ..data import balanced_subset, dataset_info, load_dataset
 from ..eval import evaluate_accuracy
 from ..train import fit
-from .config import SweepConfig, SweepError, eps_key, recipe_args, validate
-from .results import any_done, config_dir, load_done, save_result, write_summaries
+from .config import (SweepConfig, SweepError, curve_attack, eps_key, parse_attack, recipe_args, run_key, runs,
+                     table_attacks, validate)
+from .results import any_done, config_dir, load_done, save_result, source_dir, write_summaries
 from .tables import method_columns
 
-__all__ = ["run_sweep", "run_config", "plan_workers"]
+__all__ = ["run_sweep", "run_config", "plan_workers", "make_attack", "train_source"]
+
+Run = tuple[str, str, int]   # (spec, recipe, seed): one config of the study
 
 
 def _model_kwargs(cfg: SweepConfig, x: torch.Tensor, num_classes: int) -> dict[str, Any]:
     return {"num_classes": num_classes, "in_channels": int(x.shape[1])}
 
 
-def _evaluate(cfg: SweepConfig, frozen, x, y, eps: float):
-    """Robustness at one budget: every PGD-k at the table budget, the shortest elsewhere (the curve)."""
-    from ..attacks import PGD
+def make_attack(name: str, model, eps: float, alpha: float):
+    """A table attack by name (config.parse_attack): GN (std eps, clipped to the eps-ball, paper 003's GN),
+    FGSM, PGD-k (random start), BIM-k (PGD without random start), TPGD-k (TRADES' KL objective)."""
+    from ..attacks import BIM, FGSM, GN, PGD, TPGD
+
+    kind, k = parse_attack(name)
+    if kind == "GN":
+        return GN(model, std=eps, eps=eps)
+    if kind == "FGSM":
+        return FGSM(model, eps)
+    cls = {"PGD": PGD, "BIM": BIM, "TPGD": TPGD}[kind]
+    return cls(model, eps, alpha, k, **({"random_start": True} if kind == "PGD" else {}))
+
+
+def _evaluate(cfg: SweepConfig, frozen, x, y, eps: float, source=None):
+    """Robustness at one budget: every table attack (and, with a transfer source, each of them crafted
+    on the source: "<name>(B)") at the table budget, the curve attack elsewhere."""
+    from ..attacks import Transfer
     from ..eval import robustness
 
     table = cfg.is_table_eps(eps)
-    steps = cfg.pgd_steps if table else (min(cfg.pgd_steps),)
-    attacks = {f"PGD-{s}": PGD(frozen, eps=eps, alpha=cfg.alpha_for(eps), steps=s, random_start=True)
-               for s in steps}
+    alpha = cfg.alpha_for(eps)
+    names = table_attacks(cfg) if table else (curve_attack(cfg),)
+    attacks = {n: make_attack(n, frozen, eps, alpha) for n in names}
+    if table and source is not None:
+        attacks.update({f"{n}(B)": Transfer(source, make_attack(n, frozen, eps, alpha)) for n in names})
     return robustness(frozen, (x, y), attacks, restarts=cfg.restarts, batch_size=256, device=cfg.device,
                       distributed=False,
                       progress=bool(cfg.progress) if cfg.progress is not None else True,
                       record_iterations=table, seed=cfg.seed, sanity=cfg.sanity and table, suite=cfg.suite,
                       eps=eps, suite_options={"square_queries": cfg.square_queries,
-                                              "apgd_steps": cfg.apgd_steps})
+                                              "apgd_steps": cfg.apgd_steps,
+                                              "n_target_classes": cfg.apgd_targets})
 
 
 def _budget_row(eps: float, rob) -> dict[str, Any]:
@@ -78,18 +101,11 @@ def _budget_row(eps: float, rob) -> dict[str, Any]:
     return entry
 
 
-def run_config(cfg: SweepConfig, spec: str, data: dict, log: Callable[[str], None],
-               tick: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Train, freeze, evaluate and count one quant spec; returns its result row (also saved).
-
-    tick: called after every training epoch and every attacked budget (progress of a worker)."""
-    from ..bops import count
-    from ..freeze import freeze
+def _train(cfg: SweepConfig, spec: str, data: dict, cdir: Path, tick=None):
+    """Train ``spec`` with cfg's recipe and seed in ``cdir`` (resumable); returns (model, TrainResult, s)."""
     from ..models import create
 
-    cdir = config_dir(cfg, spec)
-    cdir.mkdir(parents=True, exist_ok=True)
-    x_tr, y_tr, x_te, y_te, num_classes = (data[k] for k in ("x_tr", "y_tr", "x_te", "y_te", "num_classes"))
+    x_tr, y_tr, num_classes = data["x_tr"], data["y_tr"], data["num_classes"]
     torch.manual_seed(cfg.seed)
     model = create(cfg.arch, spec, **_model_kwargs(cfg, x_tr, num_classes))
     meta = {"arch": cfg.arch, "quant": spec, "num_classes": num_classes, "in_channels": int(x_tr.shape[1]),
@@ -103,17 +119,67 @@ def run_config(cfg: SweepConfig, spec: str, data: dict, log: Callable[[str], Non
               distributed=False)
     train_s = time.perf_counter() - t0
     ckpt.save_model(cdir / "model.safetensors", model, meta)
+    return model, res, train_s
+
+
+SOURCE_SEED_OFFSET = 1000   # the transfer source's seed: the study's first seed + this (never a target's)
+
+
+def train_source(cfg: SweepConfig, data: dict, log: Callable[[str], None]) -> None:
+    """Train the transfer source (cfg.transfer_source, natural recipe) once; source.json marks it done."""
+    sdir = source_dir(cfg)
+    marker = sdir / "source.json"
+    scfg = dataclasses.replace(cfg, recipe="natural", recipe_args={}, seed=cfg.seeds[0] + SOURCE_SEED_OFFSET)
+    ident = {**scfg.identity(), "spec": cfg.transfer_source}
+    if marker.is_file():
+        try:
+            saved = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            saved = None
+        if saved is not None and saved.get("config") == ident:
+            log(f"transfer source {cfg.transfer_source}: trained earlier, reused")
+            return
+    sdir.mkdir(parents=True, exist_ok=True)
+    model, res, train_s = _train(scfg, cfg.transfer_source, data, sdir)
+    top1 = evaluate_accuracy(model, (data["x_te"], data["y_te"]), device=cfg.device)
+    atomic_write_json(marker, {"config": ident, "top1": top1, "train_s": round(train_s, 2)})
+    log(f"transfer source {cfg.transfer_source} (natural, seed {scfg.seed}): top-1 {top1:.2f}%  "
+        f"train {train_s:.0f}s")
+
+
+def _load_source(cfg: SweepConfig):
+    from ..freeze import freeze
+
+    if cfg.transfer_source is None:
+        return None
+    return freeze(ckpt.load_model(source_dir(cfg) / "model.safetensors")).to(cfg.device)
+
+
+def run_config(cfg: SweepConfig, spec: str, data: dict, log: Callable[[str], None],
+               tick: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train, freeze, evaluate and count one config (``cfg``: the config's own, ``SweepConfig.for_run``);
+    returns its result row (also saved).
+
+    tick: called after every training epoch and every attacked budget (progress of a worker)."""
+    from ..bops import count
+    from ..freeze import freeze
+
+    cdir = config_dir(cfg, spec)
+    cdir.mkdir(parents=True, exist_ok=True)
+    x_tr, x_te, y_te = data["x_tr"], data["x_te"], data["y_te"]
+    model, res, train_s = _train(cfg, spec, data, cdir, tick)
 
     t1 = time.perf_counter()
     frozen = freeze(model).to(cfg.device)
     frozen.save(cdir / "frozen.safetensors")
+    source = _load_source(cfg)
     top1 = evaluate_accuracy(frozen, (x_te, y_te), device=cfg.device)
     n = x_te.shape[0] if cfg.eval_samples == 0 else min(cfg.eval_samples, x_te.shape[0])
     by_eps, table, smaller = {}, None, None
     for eps in cfg.eval_eps:  # ascending
         if eps == 0:
             continue   # the clean accuracy on the subset, exactly
-        rob = _evaluate(cfg, frozen, x_te[:n], y_te[:n], eps)
+        rob = _evaluate(cfg, frozen, x_te[:n], y_te[:n], eps, source)
         # An example broken at a smaller budget is broken here too (nested balls): monotone curves.
         rob = rob if smaller is None else rob.nested_within(smaller)
         smaller = rob
@@ -128,20 +194,21 @@ def run_config(cfg: SweepConfig, spec: str, data: dict, log: Callable[[str], Non
     bops = count(model, tuple(x_tr.shape[1:]))
 
     clean_subset = evaluate_accuracy(frozen, (x_te[:n], y_te[:n]), device=cfg.device)
-    row: dict[str, Any] = {"spec": spec, **method_columns(spec), "bops": int(bops.total),
-                           "bops_1e8": bops.total / 1e8, "macs": int(bops.macs), "top1": top1,
-                           "clean_eval_subset": clean_subset, "eval_samples": n, "table_eps": cfg.table_eps}
+    row: dict[str, Any] = {"spec": spec, "key": run_key(cfg, spec), "seed": cfg.seed, **method_columns(spec),
+                           "bops": int(bops.total), "bops_1e8": bops.total / 1e8, "macs": int(bops.macs),
+                           "top1": top1, "clean_eval_subset": clean_subset, "eval_samples": n,
+                           "train_samples": int(x_tr.shape[0]), "table_eps": cfg.table_eps}
     if table is not None:
         row.update({k: v for k, v in by_eps[eps_key(cfg.table_eps)].items() if k not in ("eps", "eps_255")})
     row["by_eps"] = by_eps
     rd = table.to_dict() if table is not None else {}
     row.update({"train_acc": res.final.get("train_acc"), "train_loss": res.final.get("loss"),
                 "epochs_run": res.epochs_run, "recipe": res.recipe, "recipe_args": res.recipe_args,
-                "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
-                "sanity_passed": (rd.get("sanity") or {}).get("passed")})
+                "train_s": round(train_s, 2), "epoch_s": round(train_s / max(1, res.epochs_run), 2),
+                "eval_s": round(eval_s, 2), "sanity_passed": (rd.get("sanity") or {}).get("passed")})
     save_result(cfg, spec, row)
     suite = f"  suite {row['suite']['robust']:.2f}%" if "suite" in row else ""
-    log(f"{spec}: top-1 {top1:.2f}%  at {cfg.table_eps * 255:g}/255: "
+    log(f"{row['key']}: top-1 {top1:.2f}%  at {cfg.table_eps * 255:g}/255: "
         + "  ".join(f"{k} {row[k]['mean']:.2f}% (worst {row[k]['worst']:.2f}%)" for k in rd.get("attacks", {}))
         + suite + f"  BOPS {bops.total / 1e8:.4f}e8  train {train_s:.0f}s eval {eval_s:.0f}s")
     return row
@@ -167,8 +234,47 @@ def plan_workers(cfg: SweepConfig, pending: int) -> int:
     return max(1, min(_available_cores(), pending))
 
 
+def _load_data(cfg: SweepConfig) -> dict:
+    """Both splits, the training set cut to cfg.train_samples (a fixed class-balanced subset), and what
+    the results record about the data (sizes, shape, the subset's sha256)."""
+    x_tr, y_tr = load_dataset(cfg.dataset, cfg.data_dir, "train", image_size=cfg.image_size)
+    x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, "test", image_size=cfg.image_size)
+    info = dataset_info(cfg.dataset)
+    num_classes = info["num_classes"] or int(max(y_tr.max(), y_te.max())) + 1
+    record = {"train_size": int(x_tr.shape[0]), "test_size": int(x_te.shape[0]),
+              "input_shape": list(x_tr.shape[1:])}
+    if cfg.train_samples:
+        try:
+            idx = balanced_subset(y_tr, cfg.train_samples)
+        except ValueError as e:
+            raise SweepError(f"--train-samples {cfg.train_samples}: {e}") from None
+        x_tr, y_tr = x_tr[idx], y_tr[idx]
+        record["train_subset"] = {"samples": int(idx.numel()), "rule": "first examples of each class in file order",
+                                  "indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest()}
+    return {"x_tr": x_tr, "y_tr": y_tr, "x_te": x_te, "y_te": y_te, "num_classes": num_classes,
+            "record": record}
+
+
+def _write_sweep_config(cfg: SweepConfig, out: Path, data: dict) -> None:
+    atomic_write_json(out / "sweep_config.json", {**cfg.identity(), "specs": list(cfg.specs),
+                                                  "recipes": list(cfg.recipes), "seeds": list(cfg.seeds),
+                                                  "preset": cfg.preset, "device": cfg.device,
+                                                  "data_dir": cfg.data_dir, "data": data["record"]})
+
+
+def _load_runs_done(cfg: SweepConfig) -> dict[Run, dict[str, Any]]:
+    return {r: row for r in runs(cfg) if (row := load_done(cfg.for_run(r[1], r[2]), r[0])) is not None}
+
+
+def _describe(cfg: SweepConfig, data: dict) -> str:
+    extra = (f", recipes {', '.join(cfg.recipes)}" if len(cfg.recipes) > 1 else f", recipe {cfg.recipe}")
+    extra += f", seeds {', '.join(map(str, cfg.seeds))}" if len(cfg.seeds) > 1 else ""
+    return (f"sweep: {cfg.arch} on {cfg.dataset} ({data['x_tr'].shape[0]} train / {data['x_te'].shape[0]} test)"
+            f"{extra}, {cfg.epochs} epochs, specs {', '.join(cfg.specs)}")
+
+
 def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run the study; returns the result rows (one per spec, in spec order)."""
+    """Run the study; returns the result rows (one per config, in table order: recipe, spec, seed)."""
     cfg = config.resolved()
     validate(cfg)
     out = Path(cfg.out)
@@ -178,60 +284,40 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> list[d
     if dist_.active():
         return _run_sweep_ranks(cfg, log)
     torch.manual_seed(cfg.seed)
-    x_tr, y_tr = load_dataset(cfg.dataset, cfg.data_dir, "train", image_size=cfg.image_size)
-    x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, "test", image_size=cfg.image_size)
-    info = dataset_info(cfg.dataset)
-    num_classes = info["num_classes"] or int(max(y_tr.max(), y_te.max())) + 1
-    data = {"x_tr": x_tr, "y_tr": y_tr, "x_te": x_te, "y_te": y_te, "num_classes": num_classes}
+    data = _load_data(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "sweep_config.json", {**cfg.identity(), "specs": list(cfg.specs),
-                                                  "device": cfg.device, "data_dir": cfg.data_dir})
-    done: dict[str, dict[str, Any]] = {}
-    for spec in cfg.specs:
-        row = load_done(cfg, spec)
-        if row is not None:
-            done[spec] = row
-    pending = [s for s in cfg.specs if s not in done]
+    _write_sweep_config(cfg, out, data)
+    done = _load_runs_done(cfg)
+    pending = [r for r in runs(cfg) if r not in done]
     workers = plan_workers(cfg, len(pending))
-    log(f"sweep: {cfg.arch} on {cfg.dataset} ({x_tr.shape[0]} train / {x_te.shape[0]} test), recipe "
-        f"{cfg.recipe}, {cfg.epochs} epochs, specs {', '.join(cfg.specs)} -> {out}"
-        + (f" ({workers} worker processes)" if workers > 1 else ""))
+    log(_describe(cfg, data) + f" -> {out}" + (f" ({workers} worker processes)" if workers > 1 else ""))
     t0 = time.perf_counter()
+    if cfg.transfer_source is not None and pending:
+        train_source(cfg, data, log)
 
     def rows_so_far() -> list[dict[str, Any]]:
-        return [done[s] for s in cfg.specs if s in done]
+        return [done[r] for r in runs(cfg) if r in done]
 
+    for r in runs(cfg):
+        if r in done:
+            log(f"{run_key(cfg.for_run(r[1], r[2]), r[0])}: done earlier, skipped")
+    if done:
+        write_summaries(cfg, rows_so_far(), out)
     if workers <= 1:
-        for spec in cfg.specs:
-            if spec in done:
-                log(f"{spec}: done earlier, skipped")
-            else:
-                done[spec] = run_config(cfg, spec, data, log)
+        for r in pending:
+            done[r] = run_config(cfg.for_run(r[1], r[2]), r[0], data, log)
             write_summaries(cfg, rows_so_far(), out)
     else:
-        for spec in cfg.specs:
-            if spec in done:
-                log(f"{spec}: done earlier, skipped")
-        if done:
-            write_summaries(cfg, rows_so_far(), out)
         with contextlib.closing(_run_parallel(cfg, pending, data, workers, log)) as finished:
-            for spec, row in finished:   # closing: the workers stop if writing the summaries fails
-                done[spec] = row
+            for r, row in finished:   # closing: the workers stop if writing the summaries fails
+                done[r] = row
                 write_summaries(cfg, rows_so_far(), out)
     log(f"sweep finished in {time.perf_counter() - t0:.0f}s; results in {out}/results.md")
     return rows_so_far()
 
 
-def _load_data(cfg: SweepConfig) -> dict:
-    x_tr, y_tr = load_dataset(cfg.dataset, cfg.data_dir, "train", image_size=cfg.image_size)
-    x_te, y_te = load_dataset(cfg.dataset, cfg.data_dir, "test", image_size=cfg.image_size)
-    info = dataset_info(cfg.dataset)
-    num_classes = info["num_classes"] or int(max(y_tr.max(), y_te.max())) + 1
-    return {"x_tr": x_tr, "y_tr": y_tr, "x_te": x_te, "y_te": y_te, "num_classes": num_classes}
-
-
 def _run_sweep_ranks(cfg: SweepConfig, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The sweep under torchrun: pending specs spread over the ranks, merged summaries by rank 0."""
+    """The sweep under torchrun: pending configs spread over the ranks, merged summaries by rank 0."""
     out = Path(cfg.out)
     rank, world = dist_.rank(), dist_.world_size()
     # every rank decides from the same files before anyone writes
@@ -242,45 +328,40 @@ def _run_sweep_ranks(cfg: SweepConfig, log: Callable[[str], None]) -> list[dict[
                          f"another --out")
     torch.manual_seed(cfg.seed)
     data = _load_data(cfg)
-    done = {spec: row for spec in cfg.specs if (row := load_done(cfg, spec)) is not None}
+    done = _load_runs_done(cfg)
     dist_.barrier()
-    pending = [s for s in cfg.specs if s not in done]
+    pending = [r for r in runs(cfg) if r not in done]
     mine = pending[rank::world]
     if dist_.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "sweep_config.json", {**cfg.identity(), "specs": list(cfg.specs),
-                                                      "device": cfg.device, "data_dir": cfg.data_dir})
-        log(f"sweep: {cfg.arch} on {cfg.dataset} ({data['x_tr'].shape[0]} train / {data['x_te'].shape[0]} test), "
-            f"recipe {cfg.recipe}, {cfg.epochs} epochs, specs {', '.join(cfg.specs)} -> {out} ({world} ranks, "
-            f"{len(pending)} configs to run)")
-        for spec in cfg.specs:
-            if spec in done:
-                log(f"{spec}: done earlier, skipped")
+        _write_sweep_config(cfg, out, data)
+        log(_describe(cfg, data) + f" -> {out} ({world} ranks, {len(pending)} configs to run)")
+        for r in runs(cfg):
+            if r in done:
+                log(f"{run_key(cfg.for_run(r[1], r[2]), r[0])}: done earlier, skipped")
+        if cfg.transfer_source is not None and pending:
+            train_source(cfg, data, log)
     dist_.barrier()
     wcfg = dataclasses.replace(cfg, progress=False) if world > 1 else cfg
     device = str(dist_.local_device(cfg.device))
     wcfg = dataclasses.replace(wcfg, device=device)
     prefix = f"[rank {rank}] " if rank else ""
     t0 = time.perf_counter()
-    for spec in mine:
-        run_config(wcfg, spec, data, lambda msg: log(prefix + msg))
+    for spec, recipe, seed in mine:
+        run_config(wcfg.for_run(recipe, seed), spec, data, lambda msg: log(prefix + msg))
         if dist_.is_main():   # the summaries so far: every config any rank has finished
-            _write_done_summaries(cfg, out)
+            write_summaries(cfg, list(_load_runs_done(cfg).values()), out)
     dist_.barrier()
-    rows = [load_done(cfg, spec) for spec in cfg.specs]
-    missing = [s for s, r in zip(cfg.specs, rows) if r is None]
+    done = _load_runs_done(cfg)
+    missing = [run_key(cfg.for_run(r[1], r[2]), r[0]) for r in runs(cfg) if r not in done]
     if missing:
         raise SweepError(f"configs {', '.join(missing)} have no result after every rank finished")
+    rows = [done[r] for r in runs(cfg)]
     if dist_.is_main():
         write_summaries(cfg, rows, out)
         log(f"sweep finished in {time.perf_counter() - t0:.0f}s; results in {out}/results.md")
     dist_.barrier()
     return rows
-
-
-def _write_done_summaries(cfg: SweepConfig, out: Path) -> None:
-    rows = [r for r in (load_done(cfg, spec) for spec in cfg.specs) if r is not None]
-    write_summaries(cfg, rows, out)
 
 
 # ------------------------------------------------------------------------------ worker processes
@@ -293,26 +374,27 @@ def _worker_main(cfg: SweepConfig, data: dict, threads: int, backend: str | None
 
         set_backend(backend)
     while True:
-        spec = tasks.get()
-        if spec is None:
+        run = tasks.get()
+        if run is None:
             return
+        spec, recipe, seed = run
         try:
-            row = run_config(cfg, spec, data, log=lambda msg: events.put(("log", spec, msg)),
-                             tick=lambda: events.put(("tick", spec, None)))
-            events.put(("done", spec, row))
+            row = run_config(cfg.for_run(recipe, seed), spec, data, log=lambda msg: events.put(("log", run, msg)),
+                             tick=lambda: events.put(("tick", run, None)))
+            events.put(("done", run, row))
         except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-raises it
             try:
                 payload = pickle.dumps(e)
             except Exception:  # noqa: BLE001 - an exception that cannot cross processes
                 payload = None
-            events.put(("error", spec, (payload, f"{type(e).__name__}: {e}", traceback.format_exc())))
+            events.put(("error", run, (payload, f"{type(e).__name__}: {e}", traceback.format_exc())))
             return
 
 
-def _run_parallel(cfg: SweepConfig, pending: list[str], data: dict, workers: int, log: Callable[[str], None]):
-    """Yield (spec, row) as the worker processes finish the pending specs (in completion order).
+def _run_parallel(cfg: SweepConfig, pending: list[Run], data: dict, workers: int, log: Callable[[str], None]):
+    """Yield (run, row) as the worker processes finish the pending configs (in completion order).
 
-    The specs are queued in spec order and each worker takes the next one when it is free. Workers
+    The configs are queued in table order and each worker takes the next one when it is free. Workers
     get cfg with progress bars off (several processes cannot share a terminal line); this process shows
     one bar over every spec's epochs and budgets and forwards the workers' log lines."""
     import multiprocessing as mp
@@ -321,8 +403,8 @@ def _run_parallel(cfg: SweepConfig, pending: list[str], data: dict, workers: int
 
     ctx = mp.get_context("spawn")   # fork() after torch's OpenMP pool has started can hang
     tasks, events = ctx.Queue(), ctx.Queue()
-    for spec in pending:
-        tasks.put(spec)
+    for run in pending:
+        tasks.put(run)
     for _ in range(workers):
         tasks.put(None)
     from ..dispatch import forced_backend
@@ -341,15 +423,15 @@ def _run_parallel(cfg: SweepConfig, pending: list[str], data: dict, workers: int
             p.start()
         while remaining:
             try:
-                kind, spec, payload = events.get(timeout=1.0)
+                kind, run, payload = events.get(timeout=1.0)
             except queue_mod.Empty:
                 kind = None
             dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             if dead or (kind is None and not any(p.is_alive() for p in procs)):
                 # killed (a signal, the out-of-memory killer): what it had done is on disk, resumable
+                left = ", ".join(run_key(cfg.for_run(r[1], r[2]), r[0]) for r in pending if r in remaining)
                 raise SweepError(f"a sweep worker process exited (code {dead[0] if dead else 0}) before "
-                                 f"{', '.join(s for s in pending if s in remaining)} finished; rerun with "
-                                 f"--resume to continue")
+                                 f"{left} finished; rerun with --resume to continue")
             if kind is None:
                 continue
             if kind == "tick":
@@ -359,8 +441,8 @@ def _run_parallel(cfg: SweepConfig, pending: list[str], data: dict, workers: int
                 log(payload)
                 bar.refresh()
             elif kind == "done":
-                remaining.discard(spec)
-                yield spec, payload
+                remaining.discard(run)
+                yield run, payload
             else:  # "error"
                 exc_bytes, text, tb = payload
                 exc = None
@@ -369,11 +451,12 @@ def _run_parallel(cfg: SweepConfig, pending: list[str], data: dict, workers: int
                         exc = pickle.loads(exc_bytes)
                     except Exception:  # noqa: BLE001
                         exc = None
+                key = run_key(cfg.for_run(run[1], run[2]), run[0])
                 if os.environ.get("BITKERN_DEBUG") == "1":
-                    log(f"{spec}: worker traceback:\n{tb}")
+                    log(f"{key}: worker traceback:\n{tb}")
                 if isinstance(exc, BaseException):
                     raise exc
-                raise RuntimeError(f"{spec}: {text}")
+                raise RuntimeError(f"{key}: {text}")
         for p in procs:
             p.join()
     finally:
