@@ -9,6 +9,8 @@ One module per job:
   results.py   the files on disk: per-config result.json (the done marker), summaries after every spec
   tables.py    results.md / results.csv / results_by_eps.csv text and the Table 2 method columns
   plots.py     robust_vs_bops.png, pgd_vs_iterations.png, robust_vs_eps.png
+  presets.py   one preset per claim of the papers (bitkern sweep --preset NAME; docs/findings.md)
+  compare.py   our numbers next to the papers' in their layouts (python -m bitkern.study.compare DIR ...)
 
 bitkern.study is the top library layer: it may import everything below it (eval, train, attacks, data,
 freeze, bops, models, ...); only bitkern.cli imports it. See docs/study.md.
@@ -16,8 +18,9 @@ freeze, bops, models, ...); only bitkern.cli imports it. See docs/study.md.
 from .config import SweepConfig, SweepError
 from .defaults import DEFAULT_SPECS, defaults_for
 from .results import write_summaries
+from .presets import PRESETS, preset_config
 from .runner import run_sweep
 from .tables import method_columns
 
 __all__ = ["SweepConfig", "SweepError", "run_sweep", "DEFAULT_SPECS", "defaults_for", "method_columns",
-           "write_summaries"]
+           "write_summaries", "PRESETS", "preset_config"]

@@ -13,7 +13,7 @@ from ..data import canonical_name
 from .defaults import DEFAULT_SPECS, defaults_for
 
 __all__ = ["SweepConfig", "SweepError", "SUITES", "validate", "recipe_args", "eps_key", "budgets",
-           "curve_attack", "table_attacks", "runs", "run_key"]
+           "curve_attack", "table_attacks", "parse_attack", "runs", "run_key"]
 
 SUITES = ("standard",)
 
@@ -33,7 +33,7 @@ class SweepConfig:
                                              # None: (recipe,)
     seeds: tuple[int, ...] | None = None     # several training seeds (one config per spec x seed, tables show
                                              # mean and spread); None: (seed,)
-    train_samples: int = 0             # > 0: a fixed class-balanced subset of the training set (data.balanced_subset)
+    train_samples: int = 0             # > 0: train on a fixed class-balanced subset (data.balanced_subset)
     recipe_args: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None          # None: dataset default (see study.defaults)
     batch_size: int | None = None
@@ -115,9 +115,9 @@ class SweepConfig:
     def identity(self) -> dict[str, Any]:
         """What must match for a saved config result to be reused on resume."""
         keys = ("dataset", "arch", "recipe", "recipe_args", "epochs", "batch_size", "optimizer", "lr",
-                "weight_decay", "schedule", "augment", "train_eps", "train_samples", "eval_eps", "table_budget", "eval_alpha",
-                "alpha_ratio", "pgd_steps", "attacks", "transfer_source", "restarts", "eval_samples",
-                "image_size", "seed", "suite", "square_queries", "apgd_steps", "apgd_targets")
+                "weight_decay", "schedule", "augment", "train_eps", "train_samples", "eval_eps", "table_budget",
+                "eval_alpha", "alpha_ratio", "pgd_steps", "attacks", "transfer_source", "restarts",
+                "eval_samples", "image_size", "seed", "suite", "square_queries", "apgd_steps", "apgd_targets")
         d = asdict(self)
         return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keys}
 
