@@ -100,3 +100,49 @@ def test_layering_of_eval_train_study(package, forbidden):
     for path in sorted((ROOT / "bitkern" / package).rglob("*.py")):
         bad = {n for n in _imports(path) if any(n == f or n.startswith(f + ".") for f in forbidden)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_workers_exit_when_the_sweep_process_is_killed(tmp_path):
+    """SIGTERM / SIGKILL to the sweep skips multiprocessing's cleanup: its workers must not live on and
+    keep writing into the output directory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (f"from bitkern.study import SweepConfig, run_sweep\n"
+              f"if __name__ == '__main__':\n"
+              f"    run_sweep(SweepConfig(specs=('fp', 'xnor', 'mbn3x1'), epochs=50, eval_samples=8, restarts=1,\n"
+              f"              pgd_steps=(2,), eval_eps=(16 / 255,), progress=False, workers=2,\n"
+              f"              out={str(tmp_path / 'o')!r}), log=lambda s: None)\n")
+    (tmp_path / "run.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], cwd=tmp_path)
+    deadline = time.time() + 120
+    children = []
+    while time.time() < deadline and len(children) < 2:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(p) for p in out if _is_worker(int(p))]
+        time.sleep(0.5)
+    assert len(children) >= 2, "the workers did not start"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in children), "orphaned sweep workers kept running"
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return "multiprocessing.spawn" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

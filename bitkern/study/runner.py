@@ -365,9 +365,27 @@ def _run_sweep_ranks(cfg: SweepConfig, log: Callable[[str], None]) -> list[dict[
 
 
 # ------------------------------------------------------------------------------ worker processes
-def _worker_main(cfg: SweepConfig, data: dict, threads: int, backend: str | None, tasks, events) -> None:
+def _exit_with_parent(parent_pid: int, period_s: float = 1.0) -> None:
+    """Stop this worker as soon as the sweep process that started it is gone (killed by a signal, which
+    skips multiprocessing's cleanup): an orphaned worker would go on taking queued configs and writing
+    into the output directory under the next run's feet."""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(period_s)
+            if os.getppid() != parent_pid:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="bitkern-sweep-parent-watch", daemon=True).start()
+
+
+def _worker_main(cfg: SweepConfig, data: dict, threads: int, backend: str | None, tasks, events,
+                 parent_pid: int) -> None:
     """One worker: run the specs it takes from ``tasks`` and report on ``events`` until it gets None.
-    It runs with the parent's torch thread count and forced backend (the environment is inherited)."""
+    It runs with the parent's torch thread count and forced backend (the environment is inherited), and
+    exits when the parent process dies."""
+    _exit_with_parent(parent_pid)
     torch.set_num_threads(threads)
     if backend is not None:
         from ..dispatch import set_backend
@@ -410,7 +428,7 @@ def _run_parallel(cfg: SweepConfig, pending: list[Run], data: dict, workers: int
     from ..dispatch import forced_backend
 
     wcfg = dataclasses.replace(cfg, progress=False)
-    args = (wcfg, data, torch.get_num_threads(), forced_backend(), tasks, events)
+    args = (wcfg, data, torch.get_num_threads(), forced_backend(), tasks, events, os.getpid())
     procs = [ctx.Process(target=_worker_main, args=args,
                          name=f"bitkern-sweep-{i}", daemon=True) for i in range(workers)]
     n_budgets = sum(1 for e in cfg.eval_eps if e > 0)
