@@ -9,7 +9,7 @@ import numpy as np
 
 from .._io import atomic_save_figure
 from .config import SweepConfig, budgets, curve_attack, eps_key, table_attacks
-from .tables import group_rows, seed_stats
+from .tables import group_rows, group_values, seed_stats
 
 __all__ = ["write_plots"]
 
@@ -23,12 +23,7 @@ def _save_png(fig, path: Path) -> None:
 
 
 def _mean(group, *path):
-    vals = []
-    for r in group:
-        for k in path:
-            r = (r or {}).get(k)
-        vals.append(r)
-    m = seed_stats(vals)[0]
+    m = seed_stats(group_values(group, *path))[0]
     return float("nan") if m is None else m
 
 

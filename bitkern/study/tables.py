@@ -14,7 +14,7 @@ from ..quant import method_columns  # each scheme labels itself (bitkern.quant)
 from .config import SweepConfig, budgets, curve_attack, eps_key, table_attacks
 
 __all__ = ["method_columns", "results_markdown", "results_csv", "results_by_eps_csv", "group_rows",
-           "evaluations", "seed_stats"]
+           "evaluations", "seed_stats", "group_values"]
 
 
 def _fmt(v, nd=2):
@@ -53,6 +53,11 @@ def _get(row: dict, *path):
     return row
 
 
+def group_values(group: list[dict[str, Any]], *path) -> list[Any]:
+    """The value at ``path`` (keys into a row, missing -> None) of every row of a group."""
+    return [_get(r, *path) for r in group]
+
+
 def _masking_cell(group: list[dict]) -> str:
     flags = [_get(r, "suite") for r in group]
     if not any(flags):
@@ -81,13 +86,13 @@ def results_markdown(cfg: SweepConfig, rows: list[dict[str, Any]]) -> str:
         r = g[0]
         cells = (([r.get("recipe", cfg.recipe)] if recipes else [])
                  + [f"{arch} {cfg.dataset}" if i == 0 else "", r["method"], str(r["weights"]),
-                    str(r["activations"]), _fmt(r["bops_1e8"], 4), _cell([x["top1"] for x in g])])
+                    str(r["activations"]), _fmt(r["bops_1e8"], 4), _cell(group_values(g, "top1"))])
         for e in evals:
-            means, worsts = [_get(x, e, "mean") for x in g], [_get(x, e, "worst") for x in g]
+            means, worsts = group_values(g, e, "mean"), group_values(g, e, "worst")
             cells.append(f"{_fmt(seed_stats(means)[0])} ({_cell(worsts)})")
         if suite:
-            cells += [_cell([_get(x, "suite", "robust") for x in g]), _masking_cell(g)]
-        cells.append(_cell([x.get("clean_eval_subset") for x in g]))
+            cells += [_cell(group_values(g, "suite", "robust")), _masking_cell(g)]
+        cells.append(_cell(group_values(g, "clean_eval_subset")))
         if recipes:
             cells += [_fmt(seed_stats([x["train_s"] / 60 for x in g])[0], 1),
                       _fmt(seed_stats([x.get("epoch_s") for x in g])[0], 1)]
@@ -120,9 +125,9 @@ def results_markdown(cfg: SweepConfig, rows: list[dict[str, Any]]) -> str:
             r = g[0]
             cells = ([r.get("recipe", cfg.recipe)] if recipes else []) + [r["method"]]
             for e in nonzero:
-                cell = _cell([_get(x, "by_eps", eps_key(e), curve, "worst") for x in g])
+                cell = _cell(group_values(g, "by_eps", eps_key(e), curve, "worst"))
                 if suite:
-                    cell += " / " + _cell([_get(x, "by_eps", eps_key(e), "suite", "robust") for x in g])
+                    cell += " / " + _cell(group_values(g, "by_eps", eps_key(e), "suite", "robust"))
                 cells.append(cell)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
