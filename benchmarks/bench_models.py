@@ -1,11 +1,15 @@
-"""Forward-pass speed of packed models, ratios only (batch 128, 3x32x32, eval mode, 2 torch threads).
+"""Forward-pass speed of packed models, ratios only (eval mode, 2 torch threads).
 
     pytest benchmarks/bench_models.py --benchmark-disable-gc -q     # pytest-benchmark, few rounds
-    python benchmarks/bench_models.py [--batch 128 --rounds 3]      # prints the three ratios
+    python benchmarks/bench_models.py [--batch 128 --rounds 3]      # prints the ratios and the model table
 
-Ratios (targets): frozen ResNet-20 MBN3x1 (cpp) vs the same unfrozen model on the pure-torch backend
-(>= 2.5x); frozen XNOR ResNet-20 (cpp) vs the unfrozen XNOR model on the torch backend (>= 3x); frozen
-MBN3x1 (cpp) vs the fp32 ResNet-20 (>= 1x). Skips when the cpp backend is not built.
+Ratios (targets), batch 128, 3x32x32: frozen ResNet-20 MBN3x1 (cpp) vs the same unfrozen model on the
+pure-torch backend (>= 2.5x); frozen XNOR ResNet-20 (cpp) vs the unfrozen XNOR model on the torch backend
+(>= 3x); frozen MBN3x1 (cpp) vs the fp32 ResNet-20 (>= 1x).
+Model table (issue 13, bitkern.eval.speed, models timed round-robin in one run): frozen XNOR / MBN3x1
+vs the fp32 model: ResNet-20 batch 128 (>= 8x / >= 4x), ResNet-20 batch 1 (>= 4x / >= 3x), ResNet-18
+224x224 batch 1 (>= 3x / >= 2x); written to results/model_speed.md / .json. Skips when the cpp backend
+is not built.
 """
 from __future__ import annotations
 
@@ -113,6 +117,20 @@ def test_forward(benchmark, models, name, backend):
     medians[name] = benchmark.stats.stats.median
 
 
+@needs_cpp
+def test_model_speed_table(benchmark):
+    """The model-level table: every case's models interleaved in one run (bitkern.eval.speed)."""
+    from bitkern.eval import speed
+
+    torch.set_num_threads(THREADS)
+    results = benchmark.pedantic(lambda: speed.measure(rounds=7), rounds=1, iterations=1)
+    table = speed.speed_table(results)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "model_speed.md").write_text(table + "\n")
+    (RESULTS / "model_speed.json").write_text(json.dumps(results, indent=2))
+    print("\n" + table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=BATCH)
@@ -126,6 +144,8 @@ def main() -> None:
         print(f"{key:12s} {value * 1e3:9.1f} ms")
     for key in ("frozen_mbn3x1_vs_torch_backend", "frozen_xnor_vs_torch_backend", "frozen_mbn3x1_vs_fp32"):
         print(f"{key:32s} {result[key]:.2f}x")
+    from bitkern.eval import speed
+    print(speed.speed_table(speed.measure(rounds=args.rounds)))
 
 
 if __name__ == "__main__":

@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="benchmarks: pytest-benchmark suite, or --quick op timings")
-    p.add_argument("--quick", action="store_true", help="in-process timing table of the packed ops")
+    p.add_argument("--quick", action="store_true",
+                   help="in-process timing tables: the packed ops, then whole frozen models vs fp32")
     p.add_argument("--repeat", type=_pos_int, default=20, help="--quick: timed calls per op")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest")
     return parser
@@ -580,9 +581,24 @@ def _quick_bench(repeat: int) -> str:
     return "\n".join(lines)
 
 
+def _quick_model_bench(repeat: int) -> str:
+    """Frozen XNOR / MBN3x1 ResNets vs the fp32 model (bitkern.eval.speed, interleaved)."""
+    from tqdm import tqdm
+
+    from .eval import speed
+
+    rounds = max(2, repeat // 4)
+    results = [speed.measure_case(case, speed.rounds_for(case, rounds)) for case in tqdm(
+        speed.CASES, desc="model timings", leave=False, disable=not sys.stderr.isatty())]
+    return f"whole models, median of {rounds} rounds (batch 1: {5 * rounds}), models interleaved\n" + \
+        speed.speed_table(results)
+
+
 def cmd_bench(args) -> int:
     if args.quick:
         print(_quick_bench(args.repeat))
+        print()
+        print(_quick_model_bench(args.repeat))
         return 0
     root = Path(__file__).resolve().parent.parent
     bench_dir = root / "benchmarks"

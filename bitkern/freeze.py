@@ -36,6 +36,7 @@ from torch.nn.utils import prune as torch_prune
 from .model_files import (FROZEN_FORMAT, FROZEN_FORMAT_VERSION, ModelFileError, check_entries,
                           expected_state, frozen_header, load_verified, read_frozen_meta, read_header,
                           write_safetensors)
+from .nn.chain import ChainedSequential, chain_sequentials
 from .nn.packed import PackedMBNConv2d, fold_into_packed
 from .quant import QuantScheme, scheme_of
 
@@ -76,12 +77,25 @@ def _fuse_residuals(net: nn.Module) -> None:
                 setattr(parent, name, replacement)
 
 
+def _activations_in_place(net: nn.Module) -> None:
+    """A ReLU / Hardtanh right after an eval BatchNorm2d in an nn.Sequential (the fp stem) overwrites the
+    BN's output instead of allocating another activation tensor: the same values, and nothing else reads
+    that output (BN's backward needs its input, not its output)."""
+    for module in net.modules():
+        if type(module) is nn.Sequential:
+            for before, act in zip(module, list(module)[1:]):
+                if type(before) is nn.BatchNorm2d and type(act) in (nn.ReLU, nn.Hardtanh, nn.ReLU6):
+                    act.inplace = True
+
+
 def fuse_packed(net: nn.Module) -> nn.Module:
     """Fold eval BatchNorm2d (and a following Hardtanh / ReLU that only feeds the next layer) into the
     preceding packed convs, in place; the folded modules become nn.Identity. Which (conv, BN, activation)
     chains qualify, a module declares with ``fusion_chains`` (nn.Sequential: its consecutive items); then
     every module with a ``fuse_residual()`` that returns a replacement is replaced by it (BasicBlock: a
-    ResidualFusedBlock, residual add + act2 in conv2's epilogue)."""
+    ResidualFusedBlock, residual add + act2 in conv2's epilogue). Last, every nn.Sequential of blocks
+    that declare their packed convs (``chain_convs``) becomes a bitkern.nn.chain.ChainedSequential: in
+    inference they run as one chain of packed convs with bit planes handed between them."""
     for module in list(net.modules()):
         for conv_name, bn_name, act_name in _fusion_chains(module):
             act = None if act_name is None else getattr(module, act_name)
@@ -91,6 +105,8 @@ def fuse_packed(net: nn.Module) -> nn.Module:
             if act_done:
                 setattr(module, act_name, nn.Identity())
     _fuse_residuals(net)
+    chain_sequentials(net)
+    _activations_in_place(net)
     return net
 
 
@@ -107,14 +123,37 @@ class FrozenModel(nn.Module):
         self.in_channels = meta.get("in_channels")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(self._inference_layout(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(x)
+        return self.net.forward_features(self._inference_layout(x))
+
+    def _inference_layout(self, x):
+        """x in channels_last for chained inference on a batch > 1: torch then runs the fp stem through
+        oneDNN in either layout (bit-identical results; tests/test_chain.py checks it), and channels_last
+        skips oneDNN's NCHW reorders (the CIFAR stem conv runs ~10x faster), while the chain reads either.
+        A single image keeps its layout (torch's NCHW conv may take another algorithm there)."""
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] > 1 and x.device.type == "cpu":
+            chained = next((m for m in self.net.modules() if isinstance(m, ChainedSequential)), None)
+            if chained is not None and chained.chainable(x):
+                return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     @property
     def fc(self) -> nn.Module:
         return self.net.fc
+
+    def handoffs(self) -> list:
+        """Where a packed conv hands its successors bit planes instead of a float tensor (plain eager
+        inference on a backend with chains, e.g. cpp): one bitkern.nn.chain.Handoff per packed conv of
+        every chained run of blocks, module paths relative to the model."""
+        found = []
+        for path, module in self.named_modules():
+            if isinstance(module, ChainedSequential):
+                for h in module.handoffs() or ():
+                    found.append(type(h)(f"{path}.{h.producer}", tuple(f"{path}.{c}" for c in h.consumers),
+                                         h.float_kept))
+        return found
 
     def save(self, path: str | os.PathLike) -> None:
         """Write safetensors (atomically): the model description as JSON under ``bitkern`` in the header
@@ -216,5 +255,5 @@ def state_dict_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-__all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "PackedMBNConv2d", "ResidualFusedBlock",
+__all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "ChainedSequential", "PackedMBNConv2d", "ResidualFusedBlock",
            "state_dict_bytes", "ModelFileError"]

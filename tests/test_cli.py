@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bitkern import dispatch
 from bitkern.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +95,10 @@ def test_bops_simulate_bench(capsys):
     assert main(["simulate", "--quant", "pact-w2a2", "--input-shape", "3,8,8"]) == 0
     assert "cycles" in capsys.readouterr().out
     assert main(["bench", "--quick", "--repeat", "2"]) == 0
-    assert "mbn_conv2d 3x1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mbn_conv2d 3x1" in out
+    if dispatch.get("cpp").available:  # the model table: frozen models vs fp32, with the targets
+        assert "resnet20 32x32 batch 128" in out and "resnet18 224x224 batch 1" in out and ">= 8x" in out
 
 
 @pytest.mark.parametrize("argv, needle", [

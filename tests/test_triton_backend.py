@@ -257,3 +257,24 @@ def test_ops_through_dispatcher_forced_to_triton():
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     assert torch.equal(b1, b2)
+
+
+def test_frozen_model_runs_layer_by_layer_on_triton():
+    """A frozen ResNet on the triton backend (no chains: Capabilities.bitplane_output is the CPU's) runs
+    layer by layer and gives the cpp backend's chained logits bit for bit."""
+    from bitkern import dispatch
+    from bitkern.freeze import freeze
+    from bitkern.models import create
+
+    if not getattr(dispatch.get("triton"), "interpret", False) or not dispatch.get("cpp").available:
+        pytest.skip("needs the dispatcher's triton backend in the interpreter and the cpp backend")
+    assert not dispatch.get("triton").capabilities.bitplane_output
+    torch.manual_seed(0)
+    frozen = freeze(create("resnet20", "mbn2x2").eval())
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        with dispatch.use_backend("cpp"):
+            chained = frozen(x)
+        with dispatch.use_backend("triton"):
+            layered = frozen(x)
+    assert torch.equal(layered, chained)

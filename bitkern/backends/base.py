@@ -36,7 +36,7 @@ class Capabilities:
     checks_nan: bool = False        # run_pack / run_conv raise ValueError for NaN in x while packing it
     checks_residual: bool = False   # run_conv raises ValueError for a non-finite residual (its epilogue)
     fast_nan_scan: bool = False     # has_nan(t) is faster than torch.isnan(t).any()
-    bitplane_output: bool = False   # run_conv can emit packed bit-planes for the next layer (issue 13)
+    bitplane_output: bool = False   # build_chain: packed convs run as one chain, bit planes between them
     ste_backward: bool = False      # backward kernels for the STE (issue 16)
 
 
@@ -76,6 +76,28 @@ class ConvArgs:
     @property
     def words(self) -> int:  # Kw: int64 words per packed pixel
         return self.w_packed.shape[4]
+
+
+@dataclass(frozen=True)
+class ChainConv:
+    """One conv of a chain (Backend.build_chain): float buffers are numbered, 0 the chain's input and the
+    last its output (each [B, C, H, W] for one input shape). The conv reads buffer `src` (binarized as in
+    mbn_conv2d_packed), adds buffer `residual` read as buf[:, co - res_offset, ::res_stride, ::res_stride]
+    (zero outside its channels; None: no residual) and writes buffer `dst` through its epilogue."""
+    src: int
+    dst: int
+    residual: int | None
+    res_stride: int
+    res_offset: int
+    w_packed: torch.Tensor          # int64 [M, Co, KH, KW, Kw]
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    alpha2d: torch.Tensor           # float32 [M, Co]
+    v: torch.Tensor | None          # float32 [N] or None (sign)
+    beta: torch.Tensor              # float32 [N]
+    bias: torch.Tensor | None       # float32 [Co] or None
+    clamp: tuple[float, float] | None
 
 
 def _float32(name: str, t, ndim: int, numel: int | None = None, what: str = "",
@@ -197,6 +219,19 @@ class Backend:
 
     def has_nan(self, t: torch.Tensor) -> bool:
         return bool(torch.isnan(t).any())
+
+    # -- optional chains of packed convs (Capabilities.bitplane_output; issue 13) --------------------
+    def build_chain(self, buffers: list[tuple[int, int, int]], convs: list[ChainConv]):
+        """A prepared chain for one input shape: buffers (C, H, W) per float buffer, convs in order.
+        Its run(x) -> out (or None when a packed value was NaN or a residual non-finite: the caller then
+        runs layer by layer, which raises the usual error) must equal running the convs one by one with
+        mbn_conv2d_packed bit for bit."""
+        raise NotImplementedError
+
+    def chain_key(self):
+        """What else a built chain depends on (e.g. the CPU instruction set): chains are rebuilt when it
+        changes."""
+        return None
 
     # -- optional STE backward kernels (Capabilities.ste_backward; issue 16) ----------------------
     # Their float arithmetic is fixed by bitkern.ops.autograd (ste_input_grad_torch, clamp_mask_grad):

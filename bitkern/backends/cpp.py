@@ -18,7 +18,7 @@ import torch
 
 from .. import _bitmath, _checks, _env
 from . import registry
-from .base import Backend, Capabilities, ConvArgs
+from .base import Backend, Capabilities, ChainConv, ConvArgs
 
 try:
     from .. import _C
@@ -130,7 +130,9 @@ class CppBackend(Backend):
         checks_nan=True, checks_residual=True,
         fast_nan_scan=True,
         # run_ste_input_grad / run_clamp_grad: the STE backward's elementwise passes in one fused pass each
-        ste_backward=True)
+        ste_backward=True,
+        # build_chain: csrc/cpu/common/chain.h (convs prepared once, bit planes handed between them)
+        bitplane_output=True)
 
     def __init__(self):
         self.available = _C is not None
@@ -202,6 +204,13 @@ class CppBackend(Backend):
             _raise_residual(a.residual)
         return out, pairs
 
+    def build_chain(self, buffers, convs):
+        self.require("cpu")
+        return CppChain(buffers, convs)
+
+    def chain_key(self):
+        return current_isa()
+
     def run_ste_input_grad(self, x, g, v, beta):
         g = _dense(g)
         x = _like(x, g)
@@ -221,6 +230,38 @@ class CppBackend(Backend):
             _C.clamp_grad(grad.data_ptr(), out.data_ptr(), float(lo), float(hi), dst.data_ptr(), dst.numel(),
                           current_isa(), num_threads())
         return dst
+
+
+class CppChain:
+    """A bitkern._C.Chain for one input shape and ISA (Backend.build_chain): weights and tables are
+    copied in once; run(x) is one C++ call."""
+
+    def __init__(self, buffers: list[tuple[int, int, int]], convs: list[ChainConv]):
+        self.isa = current_isa()
+        self.buffers = [tuple(int(d) for d in b) for b in buffers]
+        self._chain = _C.Chain(self.isa, [[h, w, c] for c, h, w in self.buffers])
+        for conv in convs:
+            lo, hi = conv.clamp if conv.clamp is not None else (float("-inf"), float("inf"))
+            self._chain.add_conv(
+                conv.src, conv.dst, -1 if conv.residual is None else conv.residual, conv.res_stride,
+                conv.res_offset, conv.w_packed.contiguous().data_ptr(), conv.w_packed.shape[0],
+                conv.w_packed.shape[1], *conv.kernel_size, *conv.stride, *conv.padding,
+                0 if conv.v is None else 1, [] if conv.v is None else conv.v.tolist(), conv.alpha2d.flatten().tolist(),
+                conv.beta.tolist(), [] if conv.bias is None else conv.bias.tolist(), lo, hi)
+
+    def engines(self) -> list[str]:
+        return list(self._chain.engines())
+
+    def run(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x float32 [B, C, H, W] of buffer 0's shape (NCHW or channels_last, else copied) -> the last
+        buffer, float32 channels_last; None when the kernels flagged a NaN / non-finite value."""
+        x, channels_last = _activation_layout(x)
+        c, h, w = self.buffers[-1]
+        out = _empty((x.shape[0], h, w, c), torch.float32).permute(0, 3, 1, 2)
+        if x.shape[0] and self._chain.run(x.data_ptr(), channels_last, out.data_ptr(), x.shape[0],
+                                          num_threads()):
+            return None
+        return out
 
 
 def _empty_like(ref: torch.Tensor) -> torch.Tensor:

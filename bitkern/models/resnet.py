@@ -100,6 +100,29 @@ class ResidualFusedBlock(nn.Module):
         out = self.act1(self.bn1(self.conv1(x)))
         return self.conv2(out, residual=self.shortcut(x))
 
+    def chain_convs(self):
+        """For bitkern.nn.chain (whole-network inference): the block's packed convs in order as (conv,
+        src, dst, residual) over activations "in", "out" and local names; residual = (name, stride,
+        channel offset). None when a part cannot run in a chain (a BN or activation left unfolded, a
+        shortcut other than identity / option A / packed 1x1 conv + folded BN)."""
+        conv1, shortcut = self.conv1, self.shortcut
+        if not (isinstance(conv1, PackedMBNConv2d) and not conv1.is_linear and isinstance(self.bn1, nn.Identity)
+                and isinstance(self.act1, nn.Identity)):
+            return None
+        steps = []
+        if isinstance(shortcut, nn.Identity):
+            residual = ("in", 1, 0)
+        elif isinstance(shortcut, OptionAShortcut):
+            residual = ("in", shortcut.stride, shortcut.pad_front)
+        elif (isinstance(shortcut, nn.Sequential) and len(shortcut) == 2 and isinstance(shortcut[1], nn.Identity)
+              and isinstance(shortcut[0], PackedMBNConv2d) and not shortcut[0].is_linear
+              and shortcut[0].clamp is None):
+            steps.append((shortcut[0], "in", "shortcut", None))
+            residual = ("shortcut", 1, 0)
+        else:
+            return None
+        return steps + [(conv1, "in", "mid", None), (self.conv2, "mid", "out", residual)]
+
 
 def _norm_buffer(values, channels: int, name: str) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
@@ -144,7 +167,7 @@ class QuantResNet(nn.Module):
             raise ValueError(f"x: expected [B, {self.in_channels}, H, W] in [0, 1], got shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < 8:
             raise ValueError(f"x: expected spatial size >= 8x8, got {tuple(x.shape[-2:])}")
-        x = (x - self.mean) / self.std
+        x = (x - self.mean).div_(self.std)  # in place on the fresh difference: one tensor, same values
         x = self.layers(self.stem(x))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 

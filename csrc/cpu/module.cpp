@@ -5,6 +5,7 @@
 
 #include "cpu/common/isa.h"
 #include "cpu/common/buffer_pool.h"
+#include "cpu/common/chain.h"
 #include "cpu/common/engine.h"
 
 namespace py = pybind11;
@@ -155,6 +156,40 @@ PYBIND11_MODULE(_C, m) {
       "lo, hi) (bias_ptr / residual_ptr [B,OH,OW,Co] may be 0, clamp bounds +-inf for none) and/or "
       "pairs int32 [M,N,B,OH,OW,Co] (may be 0); returns flags: 1 when x holds a NaN (then out / pairs "
       "hold no result), 2 when residual holds a NaN or +-inf; see docs/cpu_kernels.md");
+  py::class_<bk::Chain>(m, "Chain",
+                        "a chain of packed convs prepared once and run in one call, activations handed "
+                        "between them as bit planes (csrc/cpu/common/chain.h)")
+      .def(py::init<const std::string&, std::vector<std::vector<int64_t>>>(), py::arg("isa"),
+           py::arg("buffers"), "buffers: (H, W, C) per float buffer; 0 the input, the last the output")
+      .def(
+          "add_conv",
+          [](bk::Chain& chain, int64_t src, int64_t dst, int64_t residual, int64_t res_stride,
+             int64_t res_offset, uintptr_t w, int64_t M, int64_t Co, int64_t KH, int64_t KW, int64_t sh,
+             int64_t sw, int64_t ph, int64_t pw, int mode, std::vector<float> v, std::vector<float> alpha,
+             std::vector<float> beta, std::vector<float> bias, float clamp_lo, float clamp_hi) {
+            bk::ChainConvSpec s;
+            s.src = src, s.dst = dst, s.residual = residual, s.res_stride = res_stride, s.res_offset = res_offset;
+            s.w = ptr<const uint64_t>(w), s.M = M, s.Co = Co, s.KH = KH, s.KW = KW, s.sh = sh, s.sw = sw;
+            s.ph = ph, s.pw = pw, s.mode = mode, s.v = std::move(v), s.alpha = std::move(alpha);
+            s.beta = std::move(beta), s.bias = std::move(bias), s.clamp_lo = clamp_lo, s.clamp_hi = clamp_hi;
+            chain.add_conv(s);
+          },
+          py::arg("src"), py::arg("dst"), py::arg("residual"), py::arg("res_stride"), py::arg("res_offset"),
+          py::arg("w_ptr"), py::arg("M"), py::arg("Co"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
+          py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("mode"), py::arg("v"), py::arg("alpha"),
+          py::arg("beta"), py::arg("bias"), py::arg("clamp_lo"), py::arg("clamp_hi"),
+          "append a conv reading buffer src (residual: buffer id or -1, read as buf[oh*s, ow*s, co - "
+          "offset]) and writing buffer dst; the weights are copied")
+      .def(
+          "run",
+          [](bk::Chain& chain, uintptr_t x, bool x_channels_last, uintptr_t out, int64_t B, int threads) {
+            py::gil_scoped_release nogil;
+            return chain.run(ptr<const float>(x), x_channels_last, ptr<float>(out), B, threads);
+          },
+          py::arg("x_ptr"), py::arg("x_channels_last"), py::arg("out_ptr"), py::arg("B"), py::arg("threads"),
+          "x float32 [B, C, H, W] (NCHW or channels_last physical) -> out [B, H, W, C] float32; returns "
+          "flags as mbn_conv2d")
+      .def("engines", &bk::Chain::engines);
   m.def("conv_engine", &bk::conv_engine, py::arg("isa"), py::arg("C"), py::arg("KH"), py::arg("KW"),
         py::arg("sw"), "which engine runs such a conv: 'lane16', 'lane32' or 'word'");
   m.def("pooled_empty", &pooled_capsule, py::arg("numel"), py::arg("code"), py::arg("bits"),

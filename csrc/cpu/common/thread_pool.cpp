@@ -1,5 +1,6 @@
 #include "cpu/common/thread_pool.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -98,17 +99,62 @@ std::mutex g_pool_mu;
 Pool* g_pool = nullptr;
 std::once_flag g_atfork_once;
 
+bool g_forked_child = false;  // set in a fork()ed child: OpenMP's team does not survive fork()
+
 void reset_after_fork() {
   g_pool = nullptr;              // the parent's pool (and its threads) do not exist here
   new (&g_pool_mu) std::mutex();  // it may have been held by a parent thread at fork time
+  g_forked_child = true;
 }
 
+void watch_fork() { std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, reset_after_fork); }); }
+
 Pool& pool() {
-  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, reset_after_fork); });
+  watch_fork();
   std::lock_guard<std::mutex> lk(g_pool_mu);
   if (!g_pool) g_pool = new Pool();
   return *g_pool;
 }
+
+// torch's OpenMP runtime, when the process has loaded it (import torch does): GOMP_parallel runs a
+// function on the calling thread's OpenMP team. Work handed to that team starts at once on threads
+// that are spinning after torch's last op, where a second pool's threads would have to compete with
+// them for the cores (on 2 cores a chain of packed convs right after a torch op ran ~1.7x slower).
+// Looked up, not linked: without a loaded libgomp (the C++ unit tests), or in a fork()ed child (whose
+// OpenMP team threads do not exist), the std::thread pool runs.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+GompParallel loaded_gomp_parallel() {
+  static const GompParallel fn = [] {
+    void* lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel")) : nullptr;
+  }();
+  return fn;
+}
+
+struct OmpJob {
+  const std::function<void(int64_t, int64_t)>* fn;
+  std::atomic<int64_t> next{0};
+  int64_t ntasks, grain;
+  std::mutex mu;
+  std::exception_ptr error;
+};
+
+void omp_job_body(void* data) {
+  auto* job = static_cast<OmpJob*>(data);
+  for (;;) {
+    const int64_t begin = job->next.fetch_add(job->grain);
+    if (begin >= job->ntasks) return;
+    try {
+      (*job->fn)(begin, std::min(job->ntasks, begin + job->grain));
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(job->mu);
+      if (!job->error) job->error = std::current_exception();
+      job->next.store(job->ntasks);
+    }
+  }
+}
+
+thread_local bool t_in_omp_job = false;  // nested calls run inline
 
 }  // namespace
 
@@ -118,6 +164,20 @@ void parallel_for(int64_t ntasks, int nthreads, int64_t grain,
   grain = std::max<int64_t>(1, grain);
   const int64_t max_useful = (ntasks + grain - 1) / grain;
   nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, max_useful)));
+  watch_fork();
+  if (nthreads > 1 && !t_in_omp_job && !g_forked_child) {
+    if (const GompParallel gomp = loaded_gomp_parallel()) {
+      OmpJob job;
+      job.fn = &fn, job.ntasks = ntasks, job.grain = grain;
+      gomp([](void* data) {
+        t_in_omp_job = true;
+        omp_job_body(data);
+        t_in_omp_job = false;
+      }, &job, static_cast<unsigned>(nthreads), 0);
+      if (job.error) std::rethrow_exception(job.error);
+      return;
+    }
+  }
   if (nthreads > 1 && pool().try_run(ntasks, nthreads, grain, fn)) return;
   for (int64_t b = 0; b < ntasks; b += grain) fn(b, std::min(ntasks, b + grain));
 }
