@@ -125,7 +125,7 @@ def _conv(src, dst, cin, cout, k, stride, pad, v=None, residual=None, res_stride
     # alpha 1 / beta 1 / integer bias: outputs are integers, so many land exactly on a threshold
     alpha = torch.ones(m, cout) if integer else torch.rand(m, cout) + 0.5
     n = 1 if v is None else v.numel()
-    return ChainConv(src, dst, residual, res_stride, res_offset, w_packed, (k, k), (stride, stride), (pad, pad),
+    return ChainConv(src, dst, residual, res_stride, res_offset, w_packed, cin, (k, k), (stride, stride), (pad, pad),
                      alpha, v, torch.ones(n), bias, clamp)
 
 
@@ -164,6 +164,8 @@ def test_chain_rejects_what_does_not_fit():
         cpp.backend.build_chain([(16, 8, 8), (16, 8, 8), (16, 8, 8)], [_conv(1, 2, 16, 16, 3, 1, 1)])
     with pytest.raises(ValueError, match="residual"):
         cpp.backend.build_chain([(16, 8, 8), (16, 8, 8)], [_conv(0, 1, 16, 16, 3, 1, 1, residual=0, res_offset=4)])
+    with pytest.raises(ValueError, match="input channels"):
+        cpp.backend.build_chain([(8, 8, 8), (16, 8, 8)], [conv])
     chain = cpp.backend.build_chain([(16, 8, 8), (16, 8, 8), (16, 8, 8)], [conv])
     with pytest.raises(ValueError, match="buffer 2 is never written"):
         chain.run(torch.rand(1, 16, 8, 8))
@@ -278,3 +280,14 @@ def test_other_backends_and_disabled_chains_run_layer_by_layer(count_runs):
         with use_chains(1):
             pass
     assert math.isfinite(float(expected.sum()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["xnor", "mbn3x1"])
+def test_resnet18_224_thousand_inputs_identical(quant):
+    """Issue 13's check at full size: 1,000 random 224x224 images (batches of 50 and single images)."""
+    frozen = freeze(_model("resnet18", quant, seed=2))
+    gen = torch.Generator().manual_seed(7)
+    for batch in [50] * 19 + [1] * 50:
+        chained, layered = _both(frozen, torch.rand(batch, 3, 224, 224, generator=gen))
+        assert torch.equal(chained, layered)

@@ -90,6 +90,7 @@ class ChainConv:
     res_stride: int
     res_offset: int
     w_packed: torch.Tensor          # int64 [M, Co, KH, KW, Kw]
+    in_channels: int                # C of w_packed (must be buffer src's)
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]

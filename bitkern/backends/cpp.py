@@ -241,13 +241,18 @@ class CppChain:
         self.buffers = [tuple(int(d) for d in b) for b in buffers]
         self._chain = _C.Chain(self.isa, [[h, w, c] for c, h, w in self.buffers])
         for conv in convs:
+            w = conv.w_packed.contiguous()  # kept alive while add_conv copies it
+            if (w.dtype != torch.int64 or w.dim() != 5 or w.device.type != "cpu"
+                    or tuple(w.shape[2:]) != (*conv.kernel_size, _bitmath.words_for(conv.in_channels))):
+                raise ValueError(f"w_packed: expected int64 [M, Co, {conv.kernel_size[0]}, {conv.kernel_size[1]}, "
+                                 f"{_bitmath.words_for(conv.in_channels)}] on cpu, got {_checks.describe(w)}")
             lo, hi = conv.clamp if conv.clamp is not None else (float("-inf"), float("inf"))
             self._chain.add_conv(
                 conv.src, conv.dst, -1 if conv.residual is None else conv.residual, conv.res_stride,
-                conv.res_offset, conv.w_packed.contiguous().data_ptr(), conv.w_packed.shape[0],
-                conv.w_packed.shape[1], *conv.kernel_size, *conv.stride, *conv.padding,
-                0 if conv.v is None else 1, [] if conv.v is None else conv.v.tolist(), conv.alpha2d.flatten().tolist(),
-                conv.beta.tolist(), [] if conv.bias is None else conv.bias.tolist(), lo, hi)
+                conv.res_offset, w.data_ptr(), conv.in_channels, w.shape[0], w.shape[1], *conv.kernel_size,
+                *conv.stride, *conv.padding, 0 if conv.v is None else 1,
+                [] if conv.v is None else conv.v.tolist(), conv.alpha2d.flatten().tolist(), conv.beta.tolist(),
+                [] if conv.bias is None else conv.bias.tolist(), lo, hi)
 
     def engines(self) -> list[str]:
         return list(self._chain.engines())

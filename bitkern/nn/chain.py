@@ -110,12 +110,20 @@ def _chain_conv(conv: PackedMBNConv2d, src: int, dst: int, residual) -> ChainCon
     beta = conv.beta if conv.beta is not None else torch.ones(conv.N)
     return ChainConv(src, dst, None if residual is None else residual[0],
                      1 if residual is None else int(residual[1]), 0 if residual is None else int(residual[2]),
-                     conv.w_packed, conv.kernel_size, conv.stride, conv.padding, alpha2d, conv.v,
+                     conv.w_packed, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, alpha2d, conv.v,
                      beta.float().contiguous(), conv.bias, conv.clamp)
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def chainable(x) -> bool:
+    """Whether x takes the chained inference path: plain eager inference (no autograd, compile, export
+    or dispatch mode) on float32 [B, C, H, W] whose backend has chains (Capabilities.bitplane_output)."""
+    return (_ENABLED and plain_eager((x,), differentiable=True) and isinstance(x, torch.Tensor)
+            and x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0
+            and dispatch.backend_for(x.device).capabilities.bitplane_output)
 
 
 class ChainedSequential(nn.Sequential):
@@ -182,14 +190,10 @@ class ChainedSequential(nn.Sequential):
         return chain
 
     def chainable(self, x) -> bool:
-        """Whether forward(x) runs as a chain: plain eager inference on float32 [B, C, H, W] whose
-        backend has chains (Capabilities.bitplane_output)."""
-        return (_ENABLED and plain_eager((x,), differentiable=True) and isinstance(x, torch.Tensor)
-                and x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0
-                and dispatch.backend_for(x.device).capabilities.bitplane_output)
+        return chainable(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.chainable(x):
+        if chainable(x):
             try:
                 chain = self._chain_for(x, dispatch.backend_for(x.device))
             except ValueError:  # a block does not fit this input (e.g. too small): layer by layer
@@ -201,6 +205,31 @@ class ChainedSequential(nn.Sequential):
         return super().forward(x)  # autograd, compile / export, other backends; raises for NaN input
 
 
+_LAYOUT_FREE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.Identity)
+
+
+class ChannelsLastStem(nn.Sequential):
+    """An fp stem (Conv2d, then BatchNorm2d / ReLU / Hardtanh / MaxPool2d) in front of a chain: in chained
+    inference its conv's output is made channels_last before the rest. Those ops give the same values in
+    either layout (elementwise, or a max) and run far faster channels_last (ResNet-18's 3x3/2 max pool at
+    224x224, batch 1: 0.17 vs 3.1 ms); the chain then reads the activations in place. Same children, so
+    the same state_dict keys; everywhere else (autograd, compile / export) it is an nn.Sequential."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not chainable(x):
+            return super().forward(x)
+        modules = iter(self)
+        x = next(modules)(x).contiguous(memory_format=torch.channels_last)
+        for module in modules:
+            x = module(x)
+        return x
+
+    @staticmethod
+    def fits(seq: nn.Module) -> bool:
+        return (type(seq) is nn.Sequential and len(seq) > 1 and type(seq[0]) is nn.Conv2d
+                and all(type(m) in _LAYOUT_FREE for m in list(seq)[1:]))
+
+
 def chain_sequentials(net: nn.Module) -> list[str]:
     """Turn every nn.Sequential of `net` whose blocks can run as a chain into a ChainedSequential (in
     place, same children); returns their module paths."""
@@ -210,7 +239,12 @@ def chain_sequentials(net: nn.Module) -> list[str]:
             if type(child) is nn.Sequential and len(child) and handoffs(child) is not None:
                 setattr(parent, name, ChainedSequential(*child))
                 found.append(f"{parent_name}.{name}" if parent_name else name)
+    if found:  # an fp stem in front of the chains runs its layout-free tail channels_last
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if ChannelsLastStem.fits(child):
+                    setattr(parent, name, ChannelsLastStem(*child))
     return found
 
 
-__all__ = ["ChainedSequential", "Handoff", "handoffs", "chain_sequentials", "use_chains", "chains_enabled"]
+__all__ = ["ChainedSequential", "ChannelsLastStem", "chainable", "Handoff", "handoffs", "chain_sequentials", "use_chains", "chains_enabled"]

@@ -50,7 +50,6 @@ struct Chain::Step {
   std::vector<float> scale;
   std::vector<int32_t> col_m, col_co;
   bool residual_in_place = false;  // the residual buffer is read as it is (no tile)
-  std::vector<int64_t> consumers;  // steps packing this step's output (their src is our dst)
   double work = 0;                 // word x column operations per image
 
   size_t planes_bytes() const { return layout.plane_bytes * (1 + layout.fold_count); }
@@ -66,7 +65,7 @@ struct Chain::Context {
 };
 
 Chain::Chain(const std::string& isa, std::vector<std::vector<int64_t>> buffers)
-    : isa_(parse_isa(isa)), buffers_(std::move(buffers)) {
+    : isa_(parse_isa(isa)), buffers_(std::move(buffers)), consumers_(buffers_.size()) {
   if (buffers_.size() < 2) throw bad("expected at least two buffers (input and output)");
   for (const auto& b : buffers_)
     if (b.size() != 3 || b[0] <= 0 || b[1] <= 0 || b[2] <= 0)
@@ -91,6 +90,7 @@ void Chain::add_conv(const ChainConvSpec& in) {
     throw bad("residual must be the input or an earlier dst");
   if (in.mode != kModeSign && in.mode != kModeHv) throw bad("mode: expected 0 or 1");
   if (!in.w) throw bad("w: null");
+  if (in.C != buffers_[in.src][2]) throw bad("the weights' input channels differ from the src buffer's");
 
   auto s = std::make_unique<Step>();
   s->spec = in;
@@ -140,9 +140,7 @@ void Chain::add_conv(const ChainConvSpec& in) {
   const bool fused = bias || in.residual >= 0 || in.clamp_lo > -INFINITY || in.clamp_hi < INFINITY;
   p.epi = {fused, bias, nullptr, nullptr, in.clamp_lo, in.clamp_hi};
   s->work = static_cast<double>(g.OH * g.OW) * s->N * p.gemm.depth * p.gemm.cols;
-  const int64_t index = static_cast<int64_t>(steps_.size());
-  for (auto& earlier : steps_)
-    if (earlier->spec.dst == in.src) earlier->consumers.push_back(index);
+  consumers_[in.src].push_back(static_cast<int64_t>(steps_.size()));
   steps_.push_back(std::move(s));
 }
 
@@ -207,9 +205,8 @@ void Chain::finalize() {
 // Packs rows [h0, h1) of float buffer `buffer` into the planes of every step that reads it (with the
 // zero padding rows above row 0 and below the last row), the way run_conv packs its input.
 void Chain::pack_rows_of(int64_t buffer, Context& ctx, int64_t h0, int64_t h1, std::atomic<int>& flags) const {
-  for (size_t k = 0; k < steps_.size(); ++k) {
+  for (const int64_t k : consumers_[buffer]) {
     const Step& s = *steps_[k];
-    if (s.spec.src != buffer) continue;
     const ConvGeometry& g = s.plan.geo;
     const ScratchLayout& l = s.layout;
     uint64_t* act = ctx.planes[k];
@@ -267,7 +264,7 @@ void Chain::compute_rows(size_t idx, Context& ctx, int64_t oh0, int64_t oh1, std
   const int64_t UW = p.lane.units_per_row;
   s.gemm(p, oh0 * UW, oh1 * UW);
   if (residual_bad.load(std::memory_order_relaxed)) flags.fetch_or(kResidualNonFinite, std::memory_order_relaxed);
-  if (!s.consumers.empty()) pack_rows_of(s.spec.dst, ctx, oh0, oh1, flags);
+  pack_rows_of(s.spec.dst, ctx, oh0, oh1, flags);
 }
 
 void Chain::run_image(Context& ctx, const float* x, bool x_channels_last, float* out, int64_t b, int threads,

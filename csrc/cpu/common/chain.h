@@ -34,6 +34,7 @@ struct ChainConvSpec {
   int64_t residual = -1;                     // float buffer id, or -1 (none)
   int64_t res_stride = 1, res_offset = 0;    // residual[oh, ow, co] = buf[oh*s, ow*s, co - offset]
   const uint64_t* w = nullptr;               // [M, Co, KH, KW, ceil(C / 64)]
+  int64_t C = 1;                             // input channels of w (must be the src buffer's)
   int64_t M = 1, Co = 1, KH = 1, KW = 1, sh = 1, sw = 1, ph = 0, pw = 0;
   int mode = 0;                              // kModeSign / kModeHv
   std::vector<float> v;                      // [N] (mode hv)
@@ -69,6 +70,7 @@ class Chain {
   Isa isa_;
   std::vector<std::vector<int64_t>> buffers_;
   std::vector<std::unique_ptr<Step>> steps_;
+  std::vector<std::vector<int64_t>> consumers_;  // per buffer: the steps that read it (as planes)
   bool finalized_ = false;
   // Slab / plane offsets inside a context, by buffer and by step (the liveness-based layout).
   std::vector<size_t> slab_off_, plane_off_, res_off_;
