@@ -123,7 +123,7 @@ def test_model_speed_table(benchmark):
     from bitkern.eval import speed
 
     torch.set_num_threads(THREADS)
-    results = benchmark.pedantic(lambda: speed.measure(rounds=7), rounds=1, iterations=1)
+    results = benchmark.pedantic(lambda: speed.measure(rounds=11), rounds=1, iterations=1)
     table = speed.speed_table(results)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "model_speed.md").write_text(table + "\n")

@@ -79,21 +79,26 @@ BK_SMALL_TARGET void small_tile(const ConvPlan& p, int64_t n, const RowBlock& bl
   Segment seg[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) seg[v] = segment(p, n, col0 + 16 * v, 16);
+  const SegmentLinks<NV> links = link_segments(seg);
 #pragma GCC unroll 32
   for (int i = 0; i < R; ++i) {
     if (i >= blk.nu) break;
     const int64_t ow = blk.ow0 + kStep * i, pix = blk.pix0 + kStep * i;
     const int32_t cls = blk.row_cls + p.pad.col_cls[ow];
+    __m512i pc[NV];
+    if constexpr (kPairs) {  // 32-bit lane c: pixel 0's count in the low half, pixel 1's in the high
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (kPairs) {  // 32-bit lane c: pixel 0's count in the low half, pixel 1's in the high
-        store_segment(p, seg[v], _mm512_and_si512(acc[i][v], _mm512_set1_epi32(0xFFFF)), pix, cls);
-        if (ow + 1 < p.geo.OW)
-          store_segment(p, seg[v], _mm512_srli_epi32(acc[i][v], 16), pix + 1,
-                        blk.row_cls + p.pad.col_cls[ow + 1]);
-      } else {
-        store_segment(p, seg[v], acc[i][v], pix, cls);
+      for (int v = 0; v < NV; ++v) pc[v] = _mm512_and_si512(acc[i][v], _mm512_set1_epi32(0xFFFF));
+      store_segments(p, seg, links, pc, pix, cls);
+      if (ow + 1 < p.geo.OW) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) pc[v] = _mm512_srli_epi32(acc[i][v], 16);
+        store_segments(p, seg, links, pc, pix + 1, blk.row_cls + p.pad.col_cls[ow + 1]);
       }
+    } else {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) pc[v] = acc[i][v];
+      store_segments(p, seg, links, pc, pix, cls);
     }
   }
 }
