@@ -15,7 +15,10 @@ BN / activation modules become nn.Identity. Which chains qualify, the modules de
 for an nn.Sequential its consecutive items). Then every module with a ``fuse_residual()`` hook may replace
 itself: a BasicBlock whose conv2 absorbed bn2 becomes a ResidualFusedBlock (bitkern/models/resnet.py): its
 `act2(conv2_out + shortcut(x))` runs in conv2's epilogue as well (residual = shortcut(x), clamp = act2's
-bounds), so the residual add and act2 cost no pass of their own.
+bounds), so the residual add and act2 cost no pass of their own. Last, every nn.Sequential of blocks that
+declare their packed convs becomes a bitkern.nn.chain.ChainedSequential: in plain eager inference the
+blocks run as one prepared backend chain with bit planes handed between the convs (bit-identical to
+running them one by one; FrozenModel.handoffs() lists who feeds whom).
 Logits equal the original eval model's up to float32 rounding (the sums are taken in another order;
 tests use rtol/atol 1e-4 with identical predictions); input gradients use the same STE masks.
 
@@ -36,7 +39,7 @@ from torch.nn.utils import prune as torch_prune
 from .model_files import (FROZEN_FORMAT, FROZEN_FORMAT_VERSION, ModelFileError, check_entries,
                           expected_state, frozen_header, load_verified, read_frozen_meta, read_header,
                           write_safetensors)
-from .nn.chain import ChainedSequential, chain_sequentials
+from .nn.chain import ChainedSequential, chain_sequentials, chainable
 from .nn.packed import PackedMBNConv2d, fold_into_packed
 from .quant import QuantScheme, scheme_of
 
@@ -134,8 +137,7 @@ class FrozenModel(nn.Module):
         skips oneDNN's NCHW reorders (the CIFAR stem conv runs ~10x faster), while the chain reads either.
         A single image keeps its layout (torch's NCHW conv may take another algorithm there)."""
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] > 1 and x.device.type == "cpu":
-            chained = next((m for m in self.net.modules() if isinstance(m, ChainedSequential)), None)
-            if chained is not None and chained.chainable(x):
+            if any(isinstance(m, ChainedSequential) for m in self.net.modules()) and chainable(x):
                 return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -255,5 +257,5 @@ def state_dict_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-__all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "ChainedSequential", "PackedMBNConv2d", "ResidualFusedBlock",
-           "state_dict_bytes", "ModelFileError"]
+__all__ = ["freeze", "load_frozen", "fuse_packed", "FrozenModel", "ChainedSequential", "PackedMBNConv2d",
+           "ResidualFusedBlock", "state_dict_bytes", "ModelFileError"]

@@ -189,9 +189,6 @@ class ChainedSequential(nn.Sequential):
             self._chains.popitem(last=False)
         return chain
 
-    def chainable(self, x) -> bool:
-        return chainable(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if chainable(x):
             try:
@@ -247,4 +244,5 @@ def chain_sequentials(net: nn.Module) -> list[str]:
     return found
 
 
-__all__ = ["ChainedSequential", "ChannelsLastStem", "chainable", "Handoff", "handoffs", "chain_sequentials", "use_chains", "chains_enabled"]
+__all__ = ["ChainedSequential", "ChannelsLastStem", "chainable", "Handoff", "handoffs", "chain_sequentials",
+           "use_chains", "chains_enabled"]

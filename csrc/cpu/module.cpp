@@ -164,18 +164,21 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "add_conv",
           [](bk::Chain& chain, int64_t src, int64_t dst, int64_t residual, int64_t res_stride,
-             int64_t res_offset, uintptr_t w, int64_t C, int64_t M, int64_t Co, int64_t KH, int64_t KW, int64_t sh,
-             int64_t sw, int64_t ph, int64_t pw, int mode, std::vector<float> v, std::vector<float> alpha,
-             std::vector<float> beta, std::vector<float> bias, float clamp_lo, float clamp_hi) {
+             int64_t res_offset, uintptr_t w, int64_t C, int64_t M, int64_t Co, int64_t KH, int64_t KW,
+             int64_t sh, int64_t sw, int64_t ph, int64_t pw, int mode, std::vector<float> v,
+             std::vector<float> alpha, std::vector<float> beta, std::vector<float> bias, float clamp_lo,
+             float clamp_hi) {
             bk::ChainConvSpec s;
-            s.src = src, s.dst = dst, s.residual = residual, s.res_stride = res_stride, s.res_offset = res_offset;
-            s.w = ptr<const uint64_t>(w), s.C = C, s.M = M, s.Co = Co, s.KH = KH, s.KW = KW, s.sh = sh, s.sw = sw;
+            s.src = src, s.dst = dst, s.residual = residual, s.res_stride = res_stride;
+            s.res_offset = res_offset, s.w = ptr<const uint64_t>(w), s.C = C, s.M = M, s.Co = Co;
+            s.KH = KH, s.KW = KW, s.sh = sh, s.sw = sw;
             s.ph = ph, s.pw = pw, s.mode = mode, s.v = std::move(v), s.alpha = std::move(alpha);
             s.beta = std::move(beta), s.bias = std::move(bias), s.clamp_lo = clamp_lo, s.clamp_hi = clamp_hi;
             chain.add_conv(s);
           },
           py::arg("src"), py::arg("dst"), py::arg("residual"), py::arg("res_stride"), py::arg("res_offset"),
-          py::arg("w_ptr"), py::arg("C"), py::arg("M"), py::arg("Co"), py::arg("KH"), py::arg("KW"), py::arg("sh"),
+          py::arg("w_ptr"), py::arg("C"), py::arg("M"), py::arg("Co"), py::arg("KH"), py::arg("KW"),
+          py::arg("sh"),
           py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("mode"), py::arg("v"), py::arg("alpha"),
           py::arg("beta"), py::arg("bias"), py::arg("clamp_lo"), py::arg("clamp_hi"),
           "append a conv reading buffer src (residual: buffer id or -1, read as buf[oh*s, ow*s, co - "

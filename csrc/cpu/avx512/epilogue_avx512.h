@@ -124,7 +124,8 @@ BK_TARGET_AVX512 inline void store_segments(const ConvPlan& p, const Segment (&s
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v)
     if (l.kept[v])
-      _mm512_mask_storeu_ps(p.out + pix * p.geo.Co + seg[v].co, seg[v].mask, segment_finish(p, seg[v], y[v], pix));
+      _mm512_mask_storeu_ps(p.out + pix * p.geo.Co + seg[v].co, seg[v].mask,
+                            segment_finish(p, seg[v], y[v], pix));
 }
 
 }  // namespace bk

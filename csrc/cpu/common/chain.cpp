@@ -126,7 +126,8 @@ void Chain::add_conv(const ChainConvSpec& in) {
   s->layout = make_scratch_layout(s->plan);
   s->koff = make_row_offsets(s->plan, s->layout);
   s->wt = aligned_bytes(s->layout.weight_bytes);
-  const std::vector<int32_t> tap_popcount = transpose_weights(s->plan, in.w, s->wt.get(), s->layout.weight_bytes);
+  const std::vector<int32_t> tap_popcount =
+      transpose_weights(s->plan, in.w, s->wt.get(), s->layout.weight_bytes);
   s->padding = make_padding_table(g, s->plan.gemm, tap_popcount);
   s->scale = make_scale_table(g, s->plan.gemm, s->spec.alpha.data(), s->spec.beta.data());
   make_column_groups(s->plan.gemm, s->col_m, s->col_co);
@@ -163,19 +164,21 @@ void Chain::finalize() {
   std::vector<int64_t> last_use(nbuf);
   for (int64_t b = 0; b < nbuf; ++b) last_use[b] = producer[b];
   for (int64_t k = 0; k < nstep; ++k)
-    if (steps_[k]->spec.residual >= 0) last_use[steps_[k]->spec.residual] = std::max(last_use[steps_[k]->spec.residual], k);
+    if (const int64_t r = steps_[k]->spec.residual; r >= 0) last_use[r] = std::max(last_use[r], k);
 
   struct Item { int64_t start, end; size_t bytes; size_t* offset; };
   slab_off_.assign(nbuf, 0), plane_off_.assign(nstep, 0), res_off_.assign(nstep, 0);
   std::vector<Item> items;
-  for (int64_t b = 1; b + 1 < nbuf; ++b) items.push_back({producer[b], last_use[b], slab_bytes(buffers_[b]), &slab_off_[b]});
+  for (int64_t b = 1; b + 1 < nbuf; ++b)
+    items.push_back({producer[b], last_use[b], slab_bytes(buffers_[b]), &slab_off_[b]});
   for (int64_t k = 0; k < nstep; ++k) {
     const Step& s = *steps_[k];
     items.push_back({producer[s.spec.src], k, s.planes_bytes(), &plane_off_[k]});
     if (s.spec.residual >= 0 && (!s.residual_in_place || s.spec.residual == 0))
       items.push_back({k, k, slab_bytes(buffers_[s.spec.dst]), &res_off_[k]});
   }
-  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.start < y.start; });
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& x, const Item& y) { return x.start < y.start; });
   std::multimap<size_t, size_t> free_blocks;  // bytes -> offset
   std::vector<const Item*> active;
   size_t total = 0;
@@ -204,14 +207,17 @@ void Chain::finalize() {
 
 // Packs rows [h0, h1) of float buffer `buffer` into the planes of every step that reads it (with the
 // zero padding rows above row 0 and below the last row), the way run_conv packs its input.
-void Chain::pack_rows_of(int64_t buffer, Context& ctx, int64_t h0, int64_t h1, std::atomic<int>& flags) const {
+void Chain::pack_rows_of(int64_t buffer, Context& ctx, int64_t h0, int64_t h1,
+                         std::atomic<int>& flags) const {
   for (const int64_t k : consumers_[buffer]) {
     const Step& s = *steps_[k];
     const ConvGeometry& g = s.plan.geo;
     const ScratchLayout& l = s.layout;
     uint64_t* act = ctx.planes[k];
     const int64_t fold_plane = static_cast<int64_t>(l.plane_bytes / 8);
-    const PackJob j{ctx.slab[buffer], 1, g.C, g.H, g.W, buffer != 0 || ctx.x_channels_last, s.spec.mode, s.spec.v.data(), s.N, act, g.ph, g.pw,
+    const bool channels_last = buffer != 0 || ctx.x_channels_last;
+    const PackJob j{ctx.slab[buffer], 1, g.C, g.H, g.W, channels_last, s.spec.mode, s.spec.v.data(), s.N,
+                    act, g.ph, g.pw,
                     s.plan.word.chan_words, g.Hp, g.Wp, l.fold_count, {l.full_taps, l.last_taps},
                     {act + fold_plane, act + 2 * fold_plane}, static_cast<int>(l.elem_bytes)};
     const int64_t r0 = h0 == 0 ? 0 : h0 + g.ph, r1 = h1 == g.H ? g.Hp : h1 + g.ph;
@@ -263,7 +269,8 @@ void Chain::compute_rows(size_t idx, Context& ctx, int64_t oh0, int64_t oh1, std
   }
   const int64_t UW = p.lane.units_per_row;
   s.gemm(p, oh0 * UW, oh1 * UW);
-  if (residual_bad.load(std::memory_order_relaxed)) flags.fetch_or(kResidualNonFinite, std::memory_order_relaxed);
+  if (residual_bad.load(std::memory_order_relaxed))
+    flags.fetch_or(kResidualNonFinite, std::memory_order_relaxed);
   pack_rows_of(s.spec.dst, ctx, oh0, oh1, flags);
 }
 

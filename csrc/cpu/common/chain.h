@@ -9,9 +9,9 @@
 // image's working set stays in L2; no tensor is written but the chain's output.
 //
 // Float buffers are numbered: 0 is the chain's input ([B, C, H, W], NCHW or channels_last), the last
-// one its output ([B, H, W, C], channels_last); the others exist per image only. A conv reads one buffer (through its planes), may
-// add a residual read from an earlier buffer (identity, or option-A: every s-th row / column and a
-// channel offset, zeros outside) and writes one buffer.
+// one its output ([B, H, W, C], channels_last); the others exist per image only. A conv reads one buffer
+// (through its planes), may add a residual read from an earlier buffer (identity, or option-A: every
+// s-th row / column and a channel offset, zeros outside) and writes one buffer.
 #pragma once
 #include <atomic>
 #include <cmath>
@@ -63,7 +63,8 @@ class Chain {
 
  private:
   void finalize();
-  void run_image(Context& ctx, const float* x, bool x_channels_last, float* out, int64_t b, int threads, std::atomic<int>& flags);
+  void run_image(Context& ctx, const float* x, bool x_channels_last, float* out, int64_t b, int threads,
+                 std::atomic<int>& flags);
   void compute_rows(size_t step, Context& ctx, int64_t oh0, int64_t oh1, std::atomic<int>& flags) const;
   void pack_rows_of(int64_t buffer, Context& ctx, int64_t h0, int64_t h1, std::atomic<int>& flags) const;
 

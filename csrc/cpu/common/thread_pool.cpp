@@ -107,7 +107,9 @@ void reset_after_fork() {
   g_forked_child = true;
 }
 
-void watch_fork() { std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, reset_after_fork); }); }
+void watch_fork() {
+  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, reset_after_fork); });
+}
 
 Pool& pool() {
   watch_fork();
