@@ -291,3 +291,27 @@ def test_resnet18_224_thousand_inputs_identical(quant):
     for batch in [50] * 19 + [1] * 50:
         chained, layered = _both(frozen, torch.rand(batch, 3, 224, 224, generator=gen))
         assert torch.equal(chained, layered)
+
+
+def test_concurrent_callers_share_a_chain(count_runs):
+    """Python threads running one frozen model at once (the chain serializes its runs) get the same
+    results as one after the other."""
+    import threading
+
+    frozen = freeze(_model("resnet20", "mbn3x1"))
+    xs = [torch.rand(b, 3, 16, 16, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 4, 5)]
+    with torch.no_grad():
+        expected = [frozen(x) for x in xs]
+    got = [None] * len(xs)
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(5):
+                got[i] = frozen(xs[i])
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(count_runs) == 4 + 4 * 5
