@@ -585,8 +585,12 @@ def _quick_model_bench(repeat: int) -> str:
     """Frozen XNOR / MBN3x1 ResNets vs the fp32 model (bitkern.eval.speed, interleaved)."""
     from tqdm import tqdm
 
+    from . import dispatch
     from .eval import speed
 
+    backend = dispatch.backend_for("cpu")
+    if not backend.capabilities.bitplane_output:  # the float emulation would take minutes here
+        return f"whole models: skipped (the {backend.name} backend runs frozen models layer by layer in float)"
     rounds = max(2, repeat // 4)
     results = [speed.measure_case(case, speed.rounds_for(case, rounds)) for case in tqdm(
         speed.CASES, desc="model timings", leave=False, disable=not sys.stderr.isatty())]
