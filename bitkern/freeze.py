@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -152,9 +153,9 @@ class FrozenModel(nn.Module):
         found = []
         for path, module in self.named_modules():
             if isinstance(module, ChainedSequential):
-                for h in module.handoffs() or ():
-                    found.append(type(h)(f"{path}.{h.producer}", tuple(f"{path}.{c}" for c in h.consumers),
-                                         h.float_kept))
+                found += [replace(h, producer=f"{path}.{h.producer}",
+                                  consumers=tuple(f"{path}.{c}" for c in h.consumers))
+                          for h in module.handoffs() or ()]
         return found
 
     def save(self, path: str | os.PathLike) -> None:

@@ -136,6 +136,16 @@ def check_pack_args(x, mode) -> torch.Tensor:
     return _bitmath.binarizable(x, mode == "sign")
 
 
+def check_packed_shape(w_packed: torch.Tensor, in_channels: int, kernel_size: tuple[int, int]) -> None:
+    """w_packed (an int64 5-d tensor) is [M >= 1, Co, KH, KW, ceil(in_channels / 64)], as pack_bases
+    writes it for these kernel_size and in_channels."""
+    words = _bitmath.words_for(in_channels)
+    if tuple(w_packed.shape[2:]) != (*kernel_size, words) or w_packed.shape[0] < 1:
+        raise ValueError(f"w_packed: expected shape [M, Co, {kernel_size[0]}, {kernel_size[1]}, {words}] "
+                         f"for kernel {kernel_size} and {in_channels} input channels, got "
+                         f"{_checks.describe(w_packed)}")
+
+
 def check_conv_args(x, w_packed, in_channels, kernel_size, alpha2d, v, beta, stride, padding,
                     want_pairs=False, bias=None, clamp=None, residual=None) -> ConvArgs:
     """Validate the arguments of Backend.mbn_conv2d_packed (every tensor float32 except the int64
@@ -150,12 +160,8 @@ def check_conv_args(x, w_packed, in_channels, kernel_size, alpha2d, v, beta, str
     batch, channels = x.shape[:2]
     if channels != in_channels:
         raise ValueError(f"x: expected {in_channels} channels (in_channels), got {_checks.describe(x)}")
-    words = _bitmath.words_for(in_channels)
+    check_packed_shape(w_packed, in_channels, kernel_size)
     num_w, out_ch = w_packed.shape[:2]
-    if tuple(w_packed.shape[2:]) != (*kernel_size, words) or num_w < 1:
-        raise ValueError(f"w_packed: expected shape [M, Co, {kernel_size[0]}, {kernel_size[1]}, {words}] "
-                         f"for kernel {kernel_size} and {in_channels} input channels, got "
-                         f"{_checks.describe(w_packed)}")
     out_size = _checks.conv_output_size(x.shape, kernel_size, stride, padding)
     if v is not None:
         v = _float32("v", v, 1)

@@ -18,7 +18,7 @@ import torch
 
 from .. import _bitmath, _checks, _env
 from . import registry
-from .base import Backend, Capabilities, ChainConv, ConvArgs
+from .base import Backend, Capabilities, ChainConv, ConvArgs, check_packed_shape
 
 try:
     from .. import _C
@@ -242,10 +242,10 @@ class CppChain:
         self._chain = _C.Chain(self.isa, [[h, w, c] for c, h, w in self.buffers])
         for conv in convs:
             w = conv.w_packed.contiguous()  # kept alive while add_conv copies it
-            if (w.dtype != torch.int64 or w.dim() != 5 or w.device.type != "cpu"
-                    or tuple(w.shape[2:]) != (*conv.kernel_size, _bitmath.words_for(conv.in_channels))):
-                raise ValueError(f"w_packed: expected int64 [M, Co, {conv.kernel_size[0]}, {conv.kernel_size[1]}, "
-                                 f"{_bitmath.words_for(conv.in_channels)}] on cpu, got {_checks.describe(w)}")
+            _checks.check_tensor("w_packed", w, ndim=5, dtype=torch.int64)
+            check_packed_shape(w, conv.in_channels, conv.kernel_size)
+            if w.device.type != "cpu":
+                raise ValueError(f"w_packed: expected a cpu tensor, got {_checks.describe(w)}")
             lo, hi = conv.clamp if conv.clamp is not None else (float("-inf"), float("inf"))
             self._chain.add_conv(
                 conv.src, conv.dst, -1 if conv.residual is None else conv.residual, conv.res_stride,

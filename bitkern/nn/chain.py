@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import _bitmath, dispatch
+from .. import _bitmath, _checks, dispatch
 from ..backends.base import ChainConv
 from ..ops.eager import plain_eager
 from .packed import PackedMBNConv2d
@@ -114,10 +114,6 @@ def _chain_conv(conv: PackedMBNConv2d, src: int, dst: int, residual) -> ChainCon
                      beta.float().contiguous(), conv.bias, conv.clamp)
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 def chainable(x) -> bool:
     """Whether x takes the chained inference path: plain eager inference (no autograd, compile, export
     or dispatch mode) on float32 [B, C, H, W] whose backend has chains (Capabilities.bitplane_output)."""
@@ -176,8 +172,8 @@ class ChainedSequential(nn.Sequential):
             c, h, w = shapes[src]
             if c != conv.in_channels:  # the layer-by-layer path raises its own error
                 return None
-            (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-            shapes[dst] = (conv.out_channels, _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw))
+            shapes[dst] = (conv.out_channels,
+                           *_checks.conv_output_size((h, w), conv.kernel_size, conv.stride, conv.padding))
             convs.append(_chain_conv(conv, src, dst, residual))
         chain = backend.build_chain([shapes[i] for i in range(len(shapes))], convs)
         packed = [conv for conv, *_ in steps]

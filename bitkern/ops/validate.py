@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _bitmath, _checks, dispatch
+from .. import _checks, dispatch
 from ..backends.base import check_clamp  # noqa: F401  (re-exported: one clamp rule for ops and backends)
+from ..backends.base import check_packed_shape  # one packed-weight shape rule for ops and backends
 
 
 def check_same_device(x: Tensor, **others) -> None:
@@ -66,12 +67,9 @@ def check_input(x, in_channels, kernel_size, stride, padding, weight_name) -> tu
 
 def check_packed_weights(w_packed, in_channels, kernel_size) -> None:
     _checks.check_tensor("w_packed", w_packed, ndim=5, dtype=torch.int64)
-    words = _bitmath.words_for(in_channels)
-    expected = (kernel_size[0], kernel_size[1], words)
-    if tuple(w_packed.shape[2:]) != expected or min(w_packed.shape[:2]) == 0:
-        raise ValueError(f"w_packed: expected shape [M, Co, {expected[0]}, {expected[1]}, {words}] for "
-                         f"in_channels={in_channels}, kernel_size={kernel_size}, got "
-                         f"{_checks.describe(w_packed)}")
+    check_packed_shape(w_packed, in_channels, kernel_size)
+    if w_packed.shape[1] == 0:
+        raise ValueError(f"w_packed: expected at least one output channel (Co), got {_checks.describe(w_packed)}")
 
 
 def check_bias(bias, out_channels) -> None:

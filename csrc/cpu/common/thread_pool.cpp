@@ -16,6 +16,30 @@
 namespace bk {
 namespace {
 
+// The work loop every thread of a job runs (the std::thread pool's and OpenMP's): take the next chunk of
+// `grain` tasks until none is left; the first exception is kept and ends the job for everyone.
+struct Job {
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  std::atomic<int64_t> next{0};
+  int64_t ntasks = 0, grain = 1;
+  std::mutex mu;
+  std::exception_ptr error;
+
+  void run_chunks() {
+    for (;;) {
+      const int64_t begin = next.fetch_add(grain);
+      if (begin >= ntasks) return;
+      try {
+        (*fn)(begin, std::min(ntasks, begin + grain));
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu);
+        if (!error) error = std::current_exception();
+        next.store(ntasks);
+      }
+    }
+  }
+};
+
 class Pool {
  public:
   // Runs the job; returns false (without running anything) if another job holds the pool.
@@ -30,39 +54,25 @@ class Pool {
     }
     {
       std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      ntasks_ = ntasks;
-      grain_ = grain;
-      next_.store(0);
+      job_.fn = &fn;
+      job_.ntasks = ntasks;
+      job_.grain = grain;
+      job_.next.store(0);
+      job_.error = nullptr;
       helpers_ = helpers;
       finished_ = 0;
-      error_ = nullptr;
       ++generation_;
     }
     cv_.notify_all();
-    run_chunks();
+    job_.run_chunks();
     std::unique_lock<std::mutex> lk(mu_);
     done_cv_.wait(lk, [&] { return finished_ == helpers_; });
-    fn_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    job_.fn = nullptr;
+    if (job_.error) std::rethrow_exception(job_.error);
     return true;
   }
 
  private:
-  void run_chunks() {
-    for (;;) {
-      const int64_t begin = next_.fetch_add(grain_);
-      if (begin >= ntasks_) return;
-      try {
-        (*fn_)(begin, std::min(ntasks_, begin + grain_));
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(mu_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(ntasks_);
-      }
-    }
-  }
-
   void worker_loop(int id) {
     uint64_t seen = 0;
     for (;;) {
@@ -72,7 +82,7 @@ class Pool {
         seen = generation_;
         if (id >= helpers_) continue;  // this job asked for fewer threads
       }
-      run_chunks();
+      job_.run_chunks();
       {
         std::lock_guard<std::mutex> lk(mu_);
         ++finished_;
@@ -85,12 +95,9 @@ class Pool {
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> workers_;  // detached at exit: the pool is intentionally never destroyed
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  std::atomic<int64_t> next_{0};
-  int64_t ntasks_ = 0, grain_ = 1;
+  Job job_;
   int helpers_ = 0, finished_ = 0;
   uint64_t generation_ = 0;
-  std::exception_ptr error_;
 };
 
 // The pool is leaked on purpose: joining threads during interpreter shutdown can deadlock. After
@@ -133,29 +140,6 @@ GompParallel loaded_gomp_parallel() {
   return fn;
 }
 
-struct OmpJob {
-  const std::function<void(int64_t, int64_t)>* fn;
-  std::atomic<int64_t> next{0};
-  int64_t ntasks, grain;
-  std::mutex mu;
-  std::exception_ptr error;
-};
-
-void omp_job_body(void* data) {
-  auto* job = static_cast<OmpJob*>(data);
-  for (;;) {
-    const int64_t begin = job->next.fetch_add(job->grain);
-    if (begin >= job->ntasks) return;
-    try {
-      (*job->fn)(begin, std::min(job->ntasks, begin + job->grain));
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(job->mu);
-      if (!job->error) job->error = std::current_exception();
-      job->next.store(job->ntasks);
-    }
-  }
-}
-
 thread_local bool t_in_omp_job = false;  // nested calls run inline
 
 }  // namespace
@@ -169,11 +153,11 @@ void parallel_for(int64_t ntasks, int nthreads, int64_t grain,
   watch_fork();
   if (nthreads > 1 && !t_in_omp_job && !g_forked_child) {
     if (const GompParallel gomp = loaded_gomp_parallel()) {
-      OmpJob job;
+      Job job;
       job.fn = &fn, job.ntasks = ntasks, job.grain = grain;
       gomp([](void* data) {
         t_in_omp_job = true;
-        omp_job_body(data);
+        static_cast<Job*>(data)->run_chunks();
         t_in_omp_job = false;
       }, &job, static_cast<unsigned>(nthreads), 0);
       if (job.error) std::rethrow_exception(job.error);
