@@ -9,9 +9,10 @@
   step <= 0.7x the fp32 step; cpp >= 2.5x faster than torch.
 * PGD-20 (eps 2/255, step 0.5/255) on 512 images against the frozen MBN3x1: cpp vs torch backend, robust
   accuracy identical (the backends' gradients are bit-identical). Target >= 2.5x.
-* one epoch of natural training of ResNet-20 MBN3x1 on digits (3x32x32): this tree vs the tree given by
-  --before / env BITKERN_BEFORE_TREE (a copy of the package before issue 16, with its built _C), each in
-  a fresh process, alternated. Target >= 1.5x.
+* one epoch of natural training of ResNet-20 MBN3x1 on digits (3x32x32): this tree vs the code before
+  issue 16 (commit BEFORE_COMMIT, the parent of the first issue-16 commit: exported from this clone's git
+  history and built once into ~/.cache/bitkern/, ~30 s; or the tree given by --before / env
+  BITKERN_BEFORE_TREE), each in a fresh process, alternated. Target >= 1.5x.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,6 +96,42 @@ def measure_steps(batch=BATCH, rounds=5, threads=THREADS, models=None):
     return {"median_s": med, "ratios": ratios, "batch": batch, "threads": threads}
 
 
+def saved_megabytes(model, x, y, bits=True):
+    """MB the autograd graph of one step holds for its backward (distinct storages of the saved tensors);
+    bits=False forces the packed ops' float path (x / out saved instead of window bits)."""
+    from bitkern.ops import autograd as ag
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    original = ag._bits_backend
+    ag._bits_backend = original if bits else (lambda t: None)
+    try:
+        xx = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(xx), y)
+        torch.autograd.grad(loss, xx)
+    finally:
+        ag._bits_backend = original
+    return sum(storages.values()) / 2**20
+
+
+def measure_memory(batch=512, models=None):
+    """Saved-for-backward memory of one attack step at `batch`: window bits vs the float path, fp32."""
+    models = models or build_models()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    out = {"batch": batch, "saved_MB": {"fp32": saved_megabytes(models["fp32"], x, y)}}
+    with dispatch.use_backend("cpp"):
+        for quant in ("mbn3x1", "xnor"):
+            for bits in (True, False):
+                key = f"{quant}-frozen (cpp, {'window bits' if bits else 'x / out saved'})"
+                out["saved_MB"][key] = saved_megabytes(models[f"{quant}-frozen"], x, y, bits)
+    return out
+
+
 def measure_pgd(n=512, steps=20, batch_size=128, threads=THREADS, models=None, time_cpp=None):
     torch.set_num_threads(threads)
     frozen = (models or build_models())["mbn3x1-frozen"]
@@ -135,6 +174,37 @@ def _epoch_seconds(tree, threads):
     return row["seconds"]
 
 
+BEFORE_COMMIT = "e9ebbd6"  # parent of d045a50, which began issue 16: the code the issue measured
+
+
+def before_tree() -> tuple[Path | None, str]:
+    """(the tree of the code before issue 16 with its built extension, or None; why not). Env
+    BITKERN_BEFORE_TREE wins; else BEFORE_COMMIT is exported from this clone's history and built once
+    into the user cache (atomically: built in a temporary folder, then renamed)."""
+    env = os.environ.get("BITKERN_BEFORE_TREE")
+    if env:
+        return Path(env), ""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitkern" / \
+        f"before-issue16-{BEFORE_COMMIT}"
+    if list((cache / "bitkern").glob("_C*.so")):
+        return cache, ""
+    if shutil.which("git") is None:
+        return None, "git not found (set BITKERN_BEFORE_TREE to a built copy of the code before issue 16)"
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_COMMIT], capture_output=True)
+    if archive.returncode:
+        return None, f"commit {BEFORE_COMMIT} not in this clone's history (a shallow clone?)"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp,
+                               capture_output=True, text=True)
+        if build.returncode:
+            return None, f"building {BEFORE_COMMIT} failed: {build.stderr.strip().splitlines()[-1:]}"
+        os.replace(tmp, cache)
+        os.mkdir(tmp)  # for TemporaryDirectory's cleanup
+    return cache, ""
+
+
 def measure_training(before, rounds=2, threads=THREADS):
     """One natural-training epoch, this tree vs `before`, alternated in fresh processes."""
     times = {"before": [], "after": []}
@@ -145,21 +215,25 @@ def measure_training(before, rounds=2, threads=THREADS):
     return {"seconds": med, "all_seconds": times, "speedup": med["before"] / med["after"], "before_tree": str(before)}
 
 
-def write_results(steps=None, pgd=None, training=None):
+def write_results(steps=None, pgd=None, training=None, memory=None):
     """Merge the given parts into results/backward.json and render every part it holds to backward.md."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "backward.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    for key, part in (("steps", steps), ("pgd", pgd), ("training", training)):
+    for key, part in (("steps", steps), ("pgd", pgd), ("training", training), ("memory", memory)):
         if part:
             data[key] = part
     lines = []
-    steps, pgd, training = data.get("steps"), data.get("pgd"), data.get("training")
+    steps, pgd, training, memory = data.get("steps"), data.get("pgd"), data.get("training"), data.get("memory")
     if steps:
         lines += [f"Forward + input gradient, batch {steps['batch']}, {steps['threads']} threads (medians, "
                   "interleaved)", "", "| model (backend) | step [ms] |", "|---|---|"]
         lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in steps["median_s"].items()]
         lines += ["", "| ratio | measured |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in steps["ratios"].items()]
+    if memory:
+        lines += ["", f"Held for the backward of one step, batch {memory['batch']} (saved tensors)", "",
+                  "| model (backend) | saved [MB] |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in memory["saved_MB"].items()]
     if pgd:
         lines += ["", f"PGD-{pgd['steps']} on {pgd['images']} images, frozen MBN3x1", "",
                   "| backend | time [s] | robust acc [%] |", "|---|---|---|"]
@@ -196,7 +270,7 @@ def test_attack_step(benchmark, models):
     with dispatch.use_backend("cpp"):
         benchmark.pedantic(attack_step, args=(models["mbn3x1-frozen"], x, y), rounds=5, iterations=1,
                            warmup_rounds=1)
-    write_results(steps=result)
+    write_results(steps=result, memory=measure_memory(models=models))
 
 
 @needs_cpp
@@ -211,9 +285,9 @@ def test_pgd20(benchmark, models):
 
 @needs_cpp
 def test_training_epoch(benchmark):
-    before = os.environ.get("BITKERN_BEFORE_TREE")
-    if not before:
-        pytest.skip("set BITKERN_BEFORE_TREE to a copy of the tree before issue 16 to compare epochs")
+    before, why = before_tree()
+    if before is None:
+        pytest.skip(why)
     result = benchmark.pedantic(lambda: measure_training(before), rounds=1, iterations=1)
     write_results(training=result)
 
@@ -224,22 +298,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--pgd-images", type=int, default=512, help="0 skips PGD")
-    parser.add_argument("--before", default=os.environ.get("BITKERN_BEFORE_TREE"),
-                        help="tree before issue 16 (with its built _C) for the training comparison")
-    parser.add_argument("--only", choices=["steps", "pgd", "training"], default=None)
+    parser.add_argument("--before", default=None,
+                        help="tree before issue 16 with its built _C (default: commit BEFORE_COMMIT, built once)")
+    parser.add_argument("--only", choices=["steps", "memory", "pgd", "training"], default=None)
     args = parser.parse_args()
     if not _cpp_available():
         print(f"SKIP bench_backward: cpp backend unavailable ({dispatch.get('cpp').reason})")
         return
-    steps = pgd = training = None
+    steps = pgd = training = memory = None
     models = build_models()
     if args.only in (None, "steps"):
         steps = measure_steps(args.batch, args.rounds, args.threads, models)
+    if args.only in (None, "memory"):
+        memory = measure_memory(models=models)
     if args.only in (None, "pgd") and args.pgd_images:
         pgd = measure_pgd(args.pgd_images, threads=args.threads, models=models)
-    if args.only in (None, "training") and args.before:
-        training = measure_training(args.before, threads=args.threads)
-    write_results(steps, pgd, training)
+    if args.only in (None, "training"):
+        before, why = (Path(args.before), "") if args.before else before_tree()
+        if before is None:
+            print(f"SKIP training epoch: {why}")
+        else:
+            training = measure_training(before, threads=args.threads)
+    write_results(steps, pgd, training, memory)
 
 
 if __name__ == "__main__":

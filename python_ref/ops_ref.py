@@ -216,6 +216,37 @@ def ste_input_grad_f32_ref(x, g, v, beta):
     return total
 
 
+def window_bits_ref(src, shift, lo, hi, open_):
+    """Window bits of the flat float32 src (issue 16): uint64 [K, ceil(n / 64)], bit i % 64 of word i / 64
+    of mask k set where lo < s < hi (open_) or lo <= s <= hi, s = fl32(src[i] + shift[k]) (shift None:
+    s = src[i], K = 1); bits past n are 0."""
+    src = np.asarray(src, dtype=np.float32).reshape(-1)
+    shifted = [src] if shift is None else [src + np.float32(s) for s in np.asarray(shift, np.float32).reshape(-1)]
+    lo, hi = np.float32(lo), np.float32(hi)
+    words = -(-src.size // 64)
+    out = np.zeros((len(shifted), words), dtype=np.uint64)
+    for k, s in enumerate(shifted):
+        inside = (s > lo) & (s < hi) if open_ else (s >= lo) & (s <= hi)
+        padded = np.zeros(words * 64, dtype=np.uint64)
+        padded[:src.size] = inside
+        out[k] = (padded.reshape(words, 64) << np.arange(64, dtype=np.uint64)).sum(1, dtype=np.uint64)
+    return out
+
+
+def masked_grad_ref(bits, g, scale):
+    """The backward read from window bits: t_k = fl32(g * scale[k]) (scale None: g) where bit i of mask k
+    is set, else +0; t_0 + t_1 + ... added left to right in float32 (g flat, float32)."""
+    g = np.asarray(g, dtype=np.float32).reshape(-1)
+    bits = np.asarray(bits, dtype=np.uint64)
+    total = None
+    for k in range(bits.shape[0]):
+        inside = ((bits[k].repeat(64) >> np.tile(np.arange(64, dtype=np.uint64), bits.shape[1])) & np.uint64(1))
+        term = np.where(inside[:g.size] == 1, g if scale is None else g * np.float32(scale[k]), np.float32(0))
+        term = term.astype(np.float32)
+        total = term if total is None else (total + term).astype(np.float32)
+    return total
+
+
 def clamp_grad_f32_ref(g, out, lo, hi):
     """The fused clamp's backward: g where lo < out < hi (strict), else +0 (float32)."""
     g = np.asarray(g, dtype=np.float32)

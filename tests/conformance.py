@@ -204,5 +204,51 @@ def check_ste_backward(backend: Backend, seed=500):
                 assert torch.equal(_bits(got_c), _bits(torch.from_numpy(want_c))), (shape, lo, hi)
 
 
+def check_window_bits(backend: Backend, seed=520):
+    """The window bits the forward saves for the backward (Capabilities.ste_backward) equal python_ref's,
+    bit for bit, and the masked gradient read from them equals the float32 reference: windows closed
+    ([-1, 1], [0, 1] after a shift: edges exactly on them, one float32 step off, +-0, +-inf, NaN) and
+    open (the clamp), 1-4 masks, element counts that end inside a byte / word or cross a task's chunk,
+    both layouts, in place. Backends without the capability skip it (the backward saves x there)."""
+    if not backend.capabilities.ste_backward:
+        return
+    exact_v = [None, torch.tensor([0.25]), torch.tensor([0.5, 0.25, 0.75]), torch.tensor([0.125, -0.5, 1.5, 0.375])]
+    sizes = [(1, 1, 1, 1), (1, 3, 1, 5), (1, 1, 8, 8), (2, 3, 5, 7), (1, 65, 1, 1), (3, 17, 3, 5),
+             (2, 16, 33, 32), (1, 3, 7, 3)]  # 1 .. 33,792 elements: byte / word tails, two 32,768 chunks
+    for i, shape in enumerate(sizes):
+        v = exact_v[i % len(exact_v)]
+        x, grad = ste_boundary_case(shape, seed + i, v)
+        flat = x.view(-1)
+        flat[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])[:flat.numel()]
+        scale = torch.rand(1 if v is None else v.numel(), generator=torch.Generator().manual_seed(seed + i)) + 0.25
+        cases = [(v, 0.0, 1.0, False)] if v is not None else [(None, -1.0, 1.0, False)]
+        cases += [(None, -1.0, 1.0, True), (None, 0.0, float("inf"), True)]
+        for cl in (False, True):
+            xl = x.contiguous(memory_format=torch.channels_last) if cl else x
+            gl = grad.contiguous(memory_format=torch.channels_last) if cl else grad
+            x_mem = xl.permute(0, 2, 3, 1).reshape(-1) if cl else xl.reshape(-1)  # memory order
+            g_mem = gl.permute(0, 2, 3, 1).reshape(-1) if cl else gl.reshape(-1)
+            for shift, lo, hi, open_ in cases:
+                bits = backend.run_window_bits(xl, shift, lo, hi, open_)
+                want = ops_ref.window_bits_ref(x_mem.numpy(), None if shift is None else shift.numpy(),
+                                               lo, hi, open_)
+                assert bits.dtype == torch.int64 and tuple(bits.shape) == want.shape, (shape, bits.shape)
+                assert np.array_equal(bits.numpy().view(np.uint64), want), (shape, cl, shift, lo, hi, open_)
+                sc = scale[:bits.shape[0]] if shift is not None else (None if open_ else scale[:1])
+                want_g = ops_ref.masked_grad_ref(want, g_mem.numpy(), None if sc is None else sc.numpy())
+                got = backend.run_masked_grad(bits, gl, sc)
+                assert got.shape == x.shape and got.stride() == gl.stride()
+                got_mem = got.permute(0, 2, 3, 1).reshape(-1) if cl else got.reshape(-1)
+                assert torch.equal(_bits(got_mem), _bits(torch.from_numpy(want_g))), (shape, cl, open_)
+                g_copy = gl.clone()
+                in_place = backend.run_masked_grad(bits, g_copy, sc, out=g_copy)
+                assert in_place.data_ptr() == g_copy.data_ptr() and torch.equal(_bits(in_place), _bits(got))
+        if v is None:  # sign mode's window equals the float path's |x| <= 1; H_v's 0 <= fl32(x + v) <= 1
+            continue
+        bits = backend.run_window_bits(x, v, 0.0, 1.0, False)
+        want_grad = ops_ref.ste_input_grad_f32_ref(x.numpy(), grad.numpy(), v.numpy(), scale.numpy())
+        assert torch.equal(_bits(backend.run_masked_grad(bits, grad, scale)), _bits(torch.from_numpy(want_grad)))
+
+
 CHECKS = (check_capabilities, check_pack_signs, check_pair_counts, check_float_output, check_epilogue,
-          check_nan_rejected, check_ste_backward)
+          check_nan_rejected, check_ste_backward, check_window_bits)

@@ -262,3 +262,92 @@ def test_training_layer_grads_agree_bit_for_bit(N, channels_last):
                 continue
             for a, b in zip(ref, got):
                 assert torch.equal(a, b), (type(layer).__name__, name, isa)
+
+
+def _float_path(monkeypatch):
+    """Make the packed op save x / out (the float path) instead of window bits."""
+    monkeypatch.setattr(ag, "_bits_backend", lambda t: None)
+
+
+@pytest.mark.parametrize("sign_mode", [False, True], ids=["hv", "sign"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_window_bits_replace_saved_activations(monkeypatch, sign_mode, channels_last):
+    """On a backend with STE kernels, a packed conv whose only gradient is the input's saves bits of its
+    windows and clamp mask (1/32 of x and out) instead of x and out, and the gradients (x, bias,
+    residual) equal the float path's bit for bit on every ISA; x + v exactly on the window edges."""
+    cpp = dispatch.get("cpp")
+    if not cpp.available:
+        pytest.skip(cpp.reason)
+    shape = SHAPES[0] if sign_mode else SHAPES[3]
+    B, C, H, W, Co, k, s, p, M, N = shape
+    x, w, alpha, v, beta, bias = _layer_args(shape, 21, sign_mode)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w_packed = pack_bases(w)
+    oh, ow = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    residual = torch.randn(B, Co, oh, ow, generator=torch.Generator().manual_seed(5))
+    run = lambda: _packed_grads(x, w_packed, C, k, alpha, v, beta, s, p, bias, (-1.0, 1.0), residual)  # noqa: E731
+    for isa in cpp.isa_supported():
+        with_bits = _run_on("cpp", isa, run)
+        xx = x.clone().requires_grad_()
+        with dispatch.use_backend("cpp"):
+            out = ops.mbn_conv2d_packed(xx, w_packed, C, k, alpha, v, beta, s, p, clamp=(-1.0, 1.0))
+        saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+        assert all(t.numel() < x.numel() for t in saved) and any(t.dtype == torch.int64 and t.dim() == 2
+                                                                  for t in saved)
+        with monkeypatch.context() as m:
+            _float_path(m)
+            floats = _run_on("cpp", isa, run)
+        for a, b in zip(with_bits[2:], floats[2:]):
+            assert torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)), isa
+
+
+def test_window_bits_only_when_input_gradient_alone(monkeypatch):
+    """alpha / beta / v needing gradients (pair counts read x): x is saved, as before."""
+    cpp = dispatch.get("cpp")
+    if not cpp.available:
+        pytest.skip(cpp.reason)
+    x, w, alpha, v, beta, _ = _layer_args(SHAPES[0], 22, False)
+    xx, a = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+    with dispatch.use_backend("cpp"):
+        out = ops.mbn_conv2d_packed(xx, pack_bases(w), 3, 3, a, v, beta, 1, 1)
+    assert any(t is not None and t.shape == x.shape for t in out.grad_fn.saved_tensors)
+
+
+def test_ste_mode_changed_between_forward_and_backward_raises():
+    cpp = dispatch.get("cpp")
+    if not cpp.available:
+        pytest.skip(cpp.reason)
+    x, w, alpha, v, beta, _ = _layer_args(SHAPES[0], 23, True)
+    xx = x.clone().requires_grad_()
+    with dispatch.use_backend("cpp"):
+        out = ops.mbn_conv2d_packed(xx, pack_bases(w), 3, 3, alpha, v, beta, 1, 1)
+    with ops.ste_mode("identity"), pytest.raises(RuntimeError, match="same mode"):
+        out.sum().backward()
+
+
+def test_frozen_stem_channels_last_under_autograd_is_bit_identical(monkeypatch):
+    """An attack step's stem output goes channels_last (ChannelsLastStem): the input gradient is bit for
+    bit the one of the plain NCHW stem."""
+    from bitkern.models import create
+    from bitkern.nn.chain import ChannelsLastStem
+    torch.manual_seed(0)
+    model = create("resnet20", "xnor").eval()
+    with torch.no_grad():
+        model(torch.rand(4, 3, 32, 32))
+    frozen = bitkern.freeze(model)
+    assert isinstance(frozen.net.stem, ChannelsLastStem)
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(6) % 10
+
+    def input_grad():
+        xx = x.clone().requires_grad_()
+        torch.nn.functional.cross_entropy(frozen(xx), y).backward()
+        return xx.grad
+
+    assert frozen.net.stem._eager_eval_autograd(x.clone().requires_grad_())
+    cl = input_grad()
+    with monkeypatch.context() as m:
+        m.setattr(ChannelsLastStem, "_eager_eval_autograd", lambda self, t: False)
+        nchw = input_grad()
+    assert torch.equal(cl, nchw)

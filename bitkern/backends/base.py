@@ -254,6 +254,23 @@ class Backend:
         """grad where lo < out < hi (strict), else +0 (the fused clamp's backward); float32, one shape."""
         raise NotImplementedError
 
+    # Window bits (issue 16): the forward saves these instead of x / out when only the input gradient
+    # will be needed, and the backward reads them (python_ref.ops_ref.window_bits_ref / masked_grad_ref).
+    # "Element i" is the i-th float32 of a dense (NCHW- or channels_last-contiguous) tensor in memory
+    # order; the backward hands g over in the layout src had.
+    def run_window_bits(self, src: torch.Tensor, shift: torch.Tensor | None, lo: float, hi: float,
+                        open_: bool) -> torch.Tensor:
+        """int64 [K, ceil(n / 64)]: bit i % 64 of word i / 64 of mask k set where lo <= s <= hi (open_:
+        lo < s < hi), s = fl32(src[i] + shift[k]) (shift None: src[i], K = 1); src float32, dense."""
+        raise NotImplementedError
+
+    def run_masked_grad(self, bits: torch.Tensor, g: torch.Tensor, scale: torch.Tensor | None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """t_0 + t_1 + ... (left to right), t_k = fl32(g * scale[k]) (scale None: g) where bit i of mask
+        k is set, else +0 -- run_ste_input_grad's / run_clamp_grad's arithmetic with the windows read
+        from bits; g float32, dense, laid out as the bits' src was. Written into `out` (may be g) if given."""
+        raise NotImplementedError
+
     # -- validating entry points for direct callers ----------------------------------------------
     def pack_signs(self, x: torch.Tensor, mode: str = "sign", v: float = 0.0) -> torch.Tensor:
         """float32 [B, C, H, W] (or [M, Co, C, KH, KW]) -> int64 [..., H, W, ceil(C/64)]."""

@@ -232,6 +232,30 @@ class CppBackend(Backend):
         return dst
 
 
+    def run_window_bits(self, src, shift, lo, hi, open_):
+        src = _dense(src)
+        n, masks = src.numel(), 1 if shift is None else shift.numel()
+        words = (n + 63) // 64
+        dst = torch.zeros((masks, words), dtype=torch.int64)
+        if n:
+            _C.interval_bits(src.data_ptr(), _ptr(None if shift is None else shift.contiguous()), masks,
+                             float(lo), float(hi), bool(open_), dst.data_ptr(), words, n, current_isa(),
+                             num_threads())
+        return dst
+
+    def run_masked_grad(self, bits, g, scale, out=None):
+        g = _dense(g)
+        dst = _empty_like(g) if out is None else out
+        if dst.stride() != g.stride() or dst.shape != g.shape:
+            raise ValueError("out: expected g's shape and strides")
+        bits = bits.contiguous()
+        if g.numel():
+            _C.masked_grad(bits.data_ptr(), bits.shape[1], bits.shape[0], g.data_ptr(),
+                           _ptr(None if scale is None else scale.contiguous()), dst.data_ptr(), g.numel(),
+                           current_isa(), num_threads())
+        return dst
+
+
 class CppChain:
     """A bitkern._C.Chain for one input shape and ISA (Backend.build_chain): weights and tables are
     copied in once; run(x) is one C++ call."""

@@ -206,16 +206,25 @@ class ChannelsLastStem(nn.Sequential):
     inference its conv's output is made channels_last before the rest. Those ops give the same values in
     either layout (elementwise, or a max) and run far faster channels_last (ResNet-18's 3x3/2 max pool at
     224x224, batch 1: 0.17 vs 3.1 ms); the chain then reads the activations in place. Same children, so
-    the same state_dict keys; everywhere else (autograd, compile / export) it is an nn.Sequential."""
+    the same state_dict keys. An eager autograd pass in eval mode (an attack step) takes the same
+    channels_last tail: the packed convs' backward works channels_last (docs/cpu_kernels.md "The
+    backward"), so the stem's BatchNorm / ReLU backward then run in one layout instead of a mixed one
+    (~6x slower), and the gradient stays bit for bit the same: those backward passes give equal values in
+    either layout and the stem conv keeps its input's layout (tests/test_ste_backward.py). Everywhere else
+    (training mode, compile / export) it is an nn.Sequential."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not chainable(x):
+        if not (chainable(x) or self._eager_eval_autograd(x)):
             return super().forward(x)
         modules = iter(self)
         x = next(modules)(x).contiguous(memory_format=torch.channels_last)
         for module in modules:
             x = module(x)
         return x
+
+    def _eager_eval_autograd(self, x) -> bool:
+        return (not self.training and torch.is_grad_enabled() and isinstance(x, torch.Tensor)
+                and x.dim() == 4 and x.device.type == "cpu" and plain_eager((x,), differentiable=False))
 
     @staticmethod
     def fits(seq: nn.Module) -> bool:

@@ -253,30 +253,74 @@ def _backward_mbn(ctx, grad: Tensor):
     return (*grads, None, None)
 
 
+def _bits_backend(t: Tensor):
+    """The backend that saves window bits of t for the backward (Capabilities.ste_backward), when t is a
+    plain dense float32 CPU tensor; else None (the float path saves t itself)."""
+    if not (_plain(t) and t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4
+            and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    return _backend_ste(t.device)
+
+
+def _in_layout(t: Tensor, strides) -> Tensor:
+    """t with the given (dense) strides: t itself or a copy (the bits' element order)."""
+    if t.stride() == tuple(strides):
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _needs_packed(ctx) -> tuple:
+    # The dispatcher drops trailing arguments equal to their defaults (bias, clamp, residual = None): pad.
+    return tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
+
+
 def _setup_packed(ctx, inputs, output):
     x, w_packed, in_channels, kernel_size, alpha, v, beta, stride, padding, bias, clamp, *rest = inputs
     residual = rest[0] if rest else None
     ctx.residual_dtype = None if residual is None else residual.dtype
-    # The clamp's backward needs only its output (lo < y < hi iff lo < z < hi), not z itself.
-    ctx.save_for_backward(x, w_packed, alpha, v, beta, output if clamp is not None else None)
     ctx.in_channels, ctx.kernel_size, ctx.stride, ctx.padding = in_channels, kernel_size, stride, padding
     ctx.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+    ctx.x_shape, ctx.x_strides = tuple(x.shape), x.stride()
+    ctx.out_strides = output.stride()
+    needs_x, _, _, _, needs_alpha, needs_v, needs_beta = _needs_packed(ctx)[:7]
+    # Window bits (issue 16): when only the input gradient will be needed, the STE windows (and the
+    # clamp's mask: lo < y < hi iff lo < z < hi) are saved as bits, 1/32 of x / out, which can then be
+    # freed; the backward reads the bits (same arithmetic, docs/cpu_kernels.md "The backward").
+    window_bits = clamp_bits = None
+    backend = ctx.bits_backend = _bits_backend(x) or _bits_backend(output)  # the backward uses its kernels
+    if _bits_backend(x) is not None and needs_x and not (needs_alpha or needs_v or needs_beta) \
+            and get_ste_mode() == "clipped":
+        if v is None:  # sign mode: |x| <= 1
+            window_bits = backend.run_window_bits(x, None, -1.0, 1.0, False)
+        else:
+            window_bits = backend.run_window_bits(x, v.detach().float(), 0.0, 1.0, False)
+    if clamp is not None and _bits_backend(output) is not None:
+        clamp_bits = backend.run_window_bits(output, None, *ctx.clamp, True)
+    ctx.save_for_backward(x if window_bits is None else None, w_packed, alpha, v, beta,
+                          output if clamp is not None and clamp_bits is None else None, window_bits, clamp_bits)
 
 
 def _backward_packed(ctx, grad: Tensor):
-    x, w_packed, alpha, v, beta, out = ctx.saved_tensors
-    # The dispatcher drops trailing arguments equal to their defaults (bias, clamp, residual = None):
-    # pad back.
+    x, w_packed, alpha, v, beta, out, window_bits, clamp_bits = ctx.saved_tensors
     num_inputs = len(ctx.needs_input_grad)
-    needs = tuple(ctx.needs_input_grad) + (False,) * (12 - num_inputs)
-    needs_x, _, _, _, needs_alpha, needs_v, needs_beta, _, _, needs_bias, _, needs_residual = needs
-    if ctx.clamp is not None:  # strict window, as torch's hardtanh / relu backward
+    needs_x, _, _, _, needs_alpha, needs_v, needs_beta, _, _, needs_bias, _, needs_residual = _needs_packed(ctx)
+    if clamp_bits is not None:  # strict window, as torch's hardtanh / relu backward
+        grad = ctx.bits_backend.run_masked_grad(clamp_bits, _in_layout(grad, ctx.out_strides), None)
+    elif ctx.clamp is not None:
         grad = clamp_mask_grad(grad, out, *ctx.clamp)
     grad_bias = grad.float().sum((0, 2, 3)) if needs_bias else None
     # d out / d residual = 1 inside the clamp window: the masked gradient itself.
     grad_residual = grad.to(ctx.residual_dtype) if needs_residual else None
     grad_x = grad_alpha = grad_v = grad_beta = None
-    if needs_x or needs_alpha or needs_v or needs_beta:
+    if window_bits is not None:
+        if get_ste_mode() != "clipped":
+            raise RuntimeError(f"ste_mode: the forward ran in 'clipped' mode and saved its window bits; "
+                               f"run forward and backward in the same mode (now {get_ste_mode()!r})")
+        g_act = transposed_conv(grad, effective_weight(w_packed, ctx.in_channels, alpha), ctx.x_shape,
+                                ctx.stride, ctx.padding)
+        g_act = _in_layout(g_act, ctx.x_strides)
+        grad_x = ctx.bits_backend.run_masked_grad(window_bits, g_act, beta.detach().float(), out=g_act)
+    elif needs_x or needs_alpha or needs_v or needs_beta:
         w_eff = effective_weight(w_packed, ctx.in_channels, alpha) if (needs_x or needs_v) else None
         w_shape = (*w_packed.shape[:2], ctx.in_channels, *ctx.kernel_size)
         # alpha / beta gradients as for the float-weight op (from the weight gradients), so both ops agree

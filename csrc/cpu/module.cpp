@@ -119,6 +119,30 @@ PYBIND11_MODULE(_C, m) {
       py::arg("isa"), py::arg("threads"),
       "Clamp backward: dst = g where lo < out < hi, else +0");
   m.def(
+      "interval_bits",
+      [](uintptr_t src, uintptr_t shift, int num_masks, float lo, float hi, bool open, uintptr_t dst,
+         int64_t words, int64_t n, const std::string& isa, int threads) {
+        py::gil_scoped_release nogil;
+        bk::IntervalBitsArgs a{ptr<const float>(src), ptr<const float>(shift), num_masks, lo, hi, open,
+                               ptr<uint64_t>(dst), words};
+        bk::run_interval_bits(a, n, isa, threads);
+      },
+      py::arg("src_ptr"), py::arg("shift_ptr"), py::arg("num_masks"), py::arg("lo"), py::arg("hi"),
+      py::arg("open"), py::arg("dst_ptr"), py::arg("words"), py::arg("n"), py::arg("isa"), py::arg("threads"),
+      "Window bits: mask k bit i = lo <= src[i] + shift[k] <= hi (open: strict); shift_ptr 0: src[i]");
+  m.def(
+      "masked_grad",
+      [](uintptr_t bits, int64_t words, int num_masks, uintptr_t g, uintptr_t scale, uintptr_t dst, int64_t n,
+         const std::string& isa, int threads) {
+        py::gil_scoped_release nogil;
+        bk::MaskedGradArgs a{ptr<const uint64_t>(bits), words, num_masks, ptr<const float>(g),
+                             ptr<const float>(scale), ptr<float>(dst)};
+        bk::run_masked_grad(a, n, isa, threads);
+      },
+      py::arg("bits_ptr"), py::arg("words"), py::arg("num_masks"), py::arg("g_ptr"), py::arg("scale_ptr"),
+      py::arg("dst_ptr"), py::arg("n"), py::arg("isa"), py::arg("threads"),
+      "dst = sum_k (bit_k ? g * scale[k] : +0) left to right (scale_ptr 0: g); dst may be g");
+  m.def(
       "pack_signs",
       [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, bool channels_last, int mode,
          float v, uintptr_t out, const std::string& isa, int threads) {

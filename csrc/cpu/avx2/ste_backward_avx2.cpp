@@ -42,5 +42,39 @@ BK_TARGET_AVX2 void clamp_grad_avx2(const float* g, const float* out, float lo, 
   clamp_grad_scalar(g, out, lo, hi, dst, i, end);
 }
 
+BK_TARGET_AVX2 void interval_bits_avx2(const IntervalBitsArgs& a, int64_t begin, int64_t end) {
+  const __m256 lo = _mm256_set1_ps(a.lo), hi = _mm256_set1_ps(a.hi);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 x = _mm256_loadu_ps(a.src + i);
+    for (int k = 0; k < a.num_masks; ++k) {
+      const __m256 s = a.shift == nullptr ? x : _mm256_add_ps(x, _mm256_set1_ps(a.shift[k]));
+      const __m256 in = a.open
+          ? _mm256_and_ps(_mm256_cmp_ps(s, lo, _CMP_GT_OQ), _mm256_cmp_ps(s, hi, _CMP_LT_OQ))
+          : _mm256_and_ps(_mm256_cmp_ps(s, lo, _CMP_GE_OQ), _mm256_cmp_ps(s, hi, _CMP_LE_OQ));
+      reinterpret_cast<uint8_t*>(a.dst + k * a.words)[i / 8] = static_cast<uint8_t>(_mm256_movemask_ps(in));
+    }
+  }
+  interval_bits_scalar(a, i, end);
+}
+
+BK_TARGET_AVX2 void masked_grad_avx2(const MaskedGradArgs& a, int64_t begin, int64_t end) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 g = _mm256_loadu_ps(a.g + i);
+    __m256 acc = _mm256_setzero_ps();
+    for (int k = 0; k < a.num_masks; ++k) {
+      const int byte = reinterpret_cast<const uint8_t*>(a.bits + k * a.words)[i / 8];
+      const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(byte), lane_bit);
+      const __m256 in = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
+      const __m256 t = _mm256_and_ps(in, a.scale == nullptr ? g : _mm256_mul_ps(g, _mm256_set1_ps(a.scale[k])));
+      acc = k == 0 ? t : _mm256_add_ps(acc, t);
+    }
+    _mm256_storeu_ps(a.dst + i, acc);
+  }
+  masked_grad_scalar(a, i, end);
+}
+
 }  // namespace bk
 #endif

@@ -52,6 +52,34 @@ void run_ste_grad_x(const SteGradArgs& a, int64_t n, const std::string& isa, int
 void run_clamp_grad(const float* g, const float* out, float lo, float hi, float* dst, int64_t n,
                     const std::string& isa, int threads);
 
+// Window bits saved by the forward when only the input gradient will be needed (issue 16): bit i of mask
+// k (uint64 words: mask k at dst + k * words, words = ceil(n / 64), bit i % 64 of word i / 64) is
+//   lo <= s <= hi (closed) or lo < s < hi (open), s = fl32(src[i] + shift[k]) (shift null: src[i], K = 1).
+// The STE windows: [-1, 1] closed on x (sign mode), [0, 1] closed on x + v_k (H_v mode); the fused
+// clamp's mask: (lo, hi) open on out. Every byte up to ceil(n / 8) is written.
+struct IntervalBitsArgs {
+  const float* src;
+  const float* shift;  // [K] or nullptr
+  int num_masks;       // K
+  float lo, hi;
+  bool open;
+  uint64_t* dst;
+  int64_t words;       // per mask
+};
+void run_interval_bits(const IntervalBitsArgs& a, int64_t n, const std::string& isa, int threads);
+// The backward side: dst[i] = t_0 + ... + t_{K-1} (left to right), t_k = fl32(g[i] * scale[k]) (scale
+// null: g[i]) where bit i of mask k is set, else +0 -- run_ste_grad_x's and run_clamp_grad's arithmetic
+// with the windows read from bits. dst may be g.
+struct MaskedGradArgs {
+  const uint64_t* bits;
+  int64_t words;       // per mask
+  int num_masks;       // K
+  const float* g;
+  const float* scale;  // [K] or nullptr
+  float* dst;
+};
+void run_masked_grad(const MaskedGradArgs& a, int64_t n, const std::string& isa, int threads);
+
 // The arguments of run_mbn_conv2d as one struct (same meaning; mode 0 forces N = 1).
 struct ConvArgs {
   const float* x;

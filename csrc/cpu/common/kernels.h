@@ -29,6 +29,9 @@ bool has_nan_scalar(const float* x, int64_t n);
 void ste_grad_x_scalar(const SteGradArgs& a, int64_t begin, int64_t end);
 void clamp_grad_scalar(const float* g, const float* out, float lo, float hi, float* dst, int64_t begin,
                        int64_t end);
+// Window bits and their backward (engine.h); begin is a multiple of 8 (whole bytes of the masks).
+void interval_bits_scalar(const IntervalBitsArgs& a, int64_t begin, int64_t end);
+void masked_grad_scalar(const MaskedGradArgs& a, int64_t begin, int64_t end);
 
 #if BK_X86
 // avx2/ (AVX2 + FMA + POPCNT)
@@ -38,6 +41,8 @@ bool has_nan_avx2(const float* x, int64_t n);
 void ste_grad_x_avx2(const SteGradArgs& a, int64_t begin, int64_t end);
 void clamp_grad_avx2(const float* g, const float* out, float lo, float hi, float* dst, int64_t begin,
                      int64_t end);
+void interval_bits_avx2(const IntervalBitsArgs& a, int64_t begin, int64_t end);
+void masked_grad_avx2(const MaskedGradArgs& a, int64_t begin, int64_t end);
 
 // avx512/ (F + BW + DQ + VL + VPOPCNTDQ; lane 16 also BITALG)
 void conv_blocks_avx512(const ConvPlan& p, int64_t pix_begin, int64_t pix_end);
@@ -47,6 +52,8 @@ bool pack_rows_avx512(const PackJob& j, int64_t r0, int64_t r1);
 void ste_grad_x_avx512(const SteGradArgs& a, int64_t begin, int64_t end);
 void clamp_grad_avx512(const float* g, const float* out, float lo, float hi, float* dst, int64_t begin,
                        int64_t end);
+void interval_bits_avx512(const IntervalBitsArgs& a, int64_t begin, int64_t end);
+void masked_grad_avx512(const MaskedGradArgs& a, int64_t begin, int64_t end);
 // Rows [r0, r1) for job.elem_bytes 2 or 4 (the lane engines' one element per pixel).
 bool pack_rows_lane_avx512(const PackJob& job, int64_t r0, int64_t r1);
 bool has_nan_avx512(const float* x, int64_t n);
