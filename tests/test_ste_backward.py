@@ -351,3 +351,26 @@ def test_frozen_stem_channels_last_under_autograd_is_bit_identical(monkeypatch):
         m.setattr(ChannelsLastStem, "_eager_eval_autograd", lambda self, t: False)
         nchw = input_grad()
     assert torch.equal(cl, nchw)
+
+
+def test_eager_autograd_function_equals_the_op_path(monkeypatch):
+    """Plain eager autograd runs the ops' autograd formula through a torch.autograd.Function (no
+    dispatcher round trip); every gradient equals the registered custom-op path's bit for bit."""
+    from bitkern.ops import eager
+    x, w, alpha, v, beta, bias = _layer_args(SHAPES[0], 24, False)
+    w_packed = pack_bases(w)
+
+    def grads():
+        xx, ww, aa, bb = (t.clone().requires_grad_() for t in (x, w, alpha, bias))
+        packed = ops.mbn_conv2d_packed(xx, w_packed, 3, 3, alpha, v, beta, 1, 1, bias=bb, clamp=(-1.0, 1.0))
+        trained = ops.mbn_conv2d(xx, ww, aa, v, beta, 1, 1)
+        (packed.square().sum() + trained.square().sum()).backward()
+        return packed.grad_fn, [xx.grad, ww.grad, aa.grad, bb.grad]
+
+    node, via_function = grads()
+    assert type(node).__name__.startswith("mbn_conv2d_packed_eager_autograd")
+    monkeypatch.setattr(eager, "_AUTOGRAD_FUNCTIONS", {})
+    node, via_op = grads()
+    assert "eager_autograd" not in type(node).__name__
+    for a, b in zip(via_function, via_op):
+        assert torch.equal(a, b)

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _bitmath, dispatch
+from . import eager
 from .library import mbn_conv2d_op, mbn_conv2d_packed_op, mbn_pair_counts_op
 from .ste import get_ste_mode, ste_window
 
@@ -332,5 +333,5 @@ def _backward_packed(ctx, grad: Tensor):
             grad_residual)[:num_inputs]
 
 
-mbn_conv2d_op.register_autograd(_backward_mbn, setup_context=_setup_mbn)
-mbn_conv2d_packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
+eager.register_autograd(mbn_conv2d_op, _backward_mbn, _setup_mbn)
+eager.register_autograd(mbn_conv2d_packed_op, _backward_packed, _setup_packed)

@@ -27,8 +27,33 @@ def plain_eager(args, differentiable: bool) -> bool:
                for a in args if isinstance(a, Tensor))
 
 
+# op -> torch.autograd.Function running the op's implementation and its registered autograd formula
+_AUTOGRAD_FUNCTIONS: dict = {}
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """op.register_autograd(backward, setup_context=...), plus a torch.autograd.Function running the same
+    two functions around the op's implementation: `call` takes it in plain eager autograd, skipping the
+    dispatcher's custom-op autograd path (~0.3 ms per conv of a ResNet attack step); compile, export,
+    functorch and tensor subclasses still go through the op."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def forward(ctx, *args):
+        out = op._init_fn(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    name = f"{op._name.split('::')[-1]}_eager_autograd"  # grad_fn: <name>Backward
+    _AUTOGRAD_FUNCTIONS[op] = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(lambda ctx, grad: backward(ctx, grad))})
+
+
 def call(op, *args, differentiable: bool = True):
-    """op(*args), through its implementation directly in plain eager mode."""
+    """op(*args), through its implementation directly in plain eager mode (with autograd: through the
+    Function `register_autograd` made for it)."""
     if plain_eager(args, differentiable):
         return op._init_fn(*args)
+    function = _AUTOGRAD_FUNCTIONS.get(op) if differentiable else None
+    if function is not None and plain_eager(args, differentiable=False):
+        return function.apply(*args)
     return op(*args)
