@@ -216,11 +216,13 @@ def test_surrogate_modes_keep_float_windows(mode):
         assert torch.equal(got, want)
 
 
-def test_frozen_resnet_input_grad_cpp_equals_torch():
-    """End to end: the frozen ResNet-20 MBN3x1's input gradient is identical on both backends."""
+@pytest.mark.parametrize("quant", ["mbn3x1", "xnor"])
+def test_frozen_resnet_input_grad_cpp_equals_torch(quant):
+    """End to end: a frozen ResNet-20's input gradient is identical on both backends and every ISA (cpp:
+    window bits, or none where the windows hold everywhere; torch: float windows)."""
     from bitkern.models import create
     torch.manual_seed(0)
-    model = create("resnet20", "mbn3x1").eval()
+    model = create("resnet20", quant).eval()
     with torch.no_grad():
         model(torch.rand(4, 3, 32, 32))
     frozen = bitkern.freeze(model)
@@ -374,3 +376,54 @@ def test_eager_autograd_function_equals_the_op_path(monkeypatch):
     assert "eager_autograd" not in type(node).__name__
     for a, b in zip(via_function, via_op):
         assert torch.equal(a, b)
+
+
+def test_no_window_bits_where_the_producer_clamp_keeps_x_inside():
+    """XNOR after a Hardtanh-clamped packed conv: |x| <= 1 holds everywhere, so the consumer saves no
+    window bits and grad_x = G * beta (bit for bit the float path's); an in-place change of x after the
+    producer ran (version counter) brings the bits back."""
+    cpp = dispatch.get("cpp")
+    if not cpp.available:
+        pytest.skip(cpp.reason)
+    gen = torch.Generator().manual_seed(25)
+    x0 = torch.randn(2, 8, 6, 6, generator=gen)
+    w1, w2 = (pack_bases(torch.randn(1, 8, 8, 3, 3, generator=gen)) for _ in range(2))
+    alpha = torch.rand(1, 8, generator=gen) + 0.1
+
+    def run(modify):
+        xx = x0.clone().requires_grad_()
+        with dispatch.use_backend("cpp"):
+            h = ops.mbn_conv2d_packed(xx, w1, 8, 3, alpha, None, None, 1, 1, clamp=(-1.0, 1.0))
+            if modify:
+                h.mul_(1.0)  # an in-place write after the producer ran: its range is no longer known
+            out = ops.mbn_conv2d_packed(h, w2, 8, 3, alpha, None, None, 1, 1)
+        saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        return xx.grad, any(t.dtype == torch.int64 and t.dim() == 2 for t in saved)
+
+    grad_everywhere, bits = run(False)
+    assert not bits
+    grad_bits, bits = run(True)
+    assert bits and torch.equal(grad_everywhere, grad_bits)
+    with pytest.MonkeyPatch.context() as m:
+        _float_path(m)
+        grad_float, _ = run(False)
+    assert torch.equal(grad_everywhere, grad_float)
+
+
+@pytest.mark.parametrize("name,isa", _targets())
+def test_outputs_can_be_written_in_place_under_autograd(name, isa):
+    """A packed conv's output is no view (cpp outputs used to be permuted views of a pool block, which
+    autograd refuses to let a caller modify in place, e.g. nn.ReLU(inplace=True) in an attack step)."""
+    x0 = torch.randn(2, 16, 48, 48, generator=torch.Generator().manual_seed(26))  # output from the pool
+    w = pack_bases(torch.randn(1, 16, 16, 3, 3, generator=torch.Generator().manual_seed(27)))
+    alpha = torch.rand(1, 16, generator=torch.Generator().manual_seed(28)) + 0.1
+
+    def step():
+        x = x0.clone().requires_grad_()
+        out = ops.mbn_conv2d_packed(x, w, 16, 3, alpha, None, None, 1, 1)
+        assert not out._is_view()
+        out.relu_().sum().backward()
+        return x.grad
+
+    assert torch.equal(_run_on(name, isa, step), _run_on("torch", None, step))

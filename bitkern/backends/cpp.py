@@ -75,13 +75,22 @@ _POOL_MIN_BYTES = 1 << 18
 _DLPACK_DTYPES = {torch.int32: (0, 32), torch.int64: (0, 64), torch.float32: (2, 32)}  # DLPack (code, bits)
 
 
-def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized contiguous CPU tensor; from the output pool when large."""
+_CHANNELS_LAST = (0, 2, 3, 1)  # NCHW dims in memory order
+
+
+def _empty(shape: tuple, dtype: torch.dtype, memory_order: tuple | None = None) -> torch.Tensor:
+    """An uninitialized CPU tensor of `shape` whose dims lie in memory in `memory_order` (outermost
+    first; default: contiguous); from the output pool when large. Never a view, so an op's output can
+    be written in place by its caller (autograd forbids that for a view made inside a custom Function)."""
     numel = math.prod(shape)
+    strides, step = [0] * len(shape), 1
+    for dim in reversed(memory_order or range(len(shape))):
+        strides[dim], step = step, step * shape[dim]
     code, bits = _DLPACK_DTYPES[dtype]
     if numel * bits // 8 < _POOL_MIN_BYTES or _C.pool_limit() == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.from_dlpack(_C.pooled_empty(numel, code, bits)).view(shape)
+        return torch.empty_strided(shape, strides, dtype=dtype)
+    block = torch.from_dlpack(_C.pooled_empty(numel, code, bits))
+    return torch.empty((0,), dtype=dtype).set_(block.untyped_storage(), 0, shape, strides)
 
 
 def output_pool_limit(megabytes: float | None = None) -> float:
@@ -173,16 +182,16 @@ class CppBackend(Backend):
 
     def run_conv(self, a: ConvArgs):
         """out float32 [B, Co, OH, OW] in channels_last memory format (or None); pairs int32
-        [M, N, B, Co, OH, OW], a permuted view (or None). The residual is read channels_last (copied
+        [M, N, B, Co, OH, OW] laid out [M, N, B, OH, OW, Co] (or None). The residual is read channels_last (copied
         only if it is not channels_last-contiguous)."""
         batch, channels, height, width = a.x.shape
         (kh, kw), (sh, sw), (ph, pw), (oh, ow) = a.kernel_size, a.stride, a.padding, a.out_size
         num_w, out_ch, num_a = a.num_weight_bases, a.out_channels, a.num_act_bases
         out = pairs = None
         if a.want_out:
-            out = _empty((batch, oh, ow, out_ch), torch.float32).permute(0, 3, 1, 2)
+            out = _empty((batch, out_ch, oh, ow), torch.float32, _CHANNELS_LAST)
         if a.want_pairs:
-            pairs = _empty((num_w, num_a, batch, oh, ow, out_ch), torch.int32).permute(0, 1, 2, 5, 3, 4)
+            pairs = _empty((num_w, num_a, batch, out_ch, oh, ow), torch.int32, (0, 1, 2, 4, 5, 3))
         if batch * out_ch * oh * ow == 0:  # nothing to compute; x is still checked for NaN
             if a.x.numel() and self.has_nan(a.x):
                 _raise_nan(a.x)
@@ -286,7 +295,7 @@ class CppChain:
         buffer, float32 channels_last; None when the kernels flagged a NaN / non-finite value."""
         x, channels_last = _activation_layout(x)
         c, h, w = self.buffers[-1]
-        out = _empty((x.shape[0], h, w, c), torch.float32).permute(0, 3, 1, 2)
+        out = _empty((x.shape[0], c, h, w), torch.float32, _CHANNELS_LAST)
         if x.shape[0] and self._chain.run(x.data_ptr(), channels_last, out.data_ptr(), x.shape[0],
                                           num_threads()):
             return None
@@ -297,8 +306,7 @@ def _empty_like(ref: torch.Tensor) -> torch.Tensor:
     """An uninitialized float32 tensor with the dense `ref`'s strides, from the output pool when large
     (no page faults on the first write, as for the conv outputs)."""
     if ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last):
-        b, c, h, w = ref.shape
-        out = _empty((b, h, w, c), torch.float32).permute(0, 3, 1, 2)
+        out = _empty(tuple(ref.shape), torch.float32, _CHANNELS_LAST)
     else:
         out = _empty(tuple(ref.shape), torch.float32)
     return out if out.stride() == ref.stride() else torch.empty_like(ref)

@@ -15,6 +15,7 @@ float windows (t_n = fl32(fl32(beta_n * window_n) * G)).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
@@ -270,6 +271,25 @@ def _in_layout(t: Tensor, strides) -> Tensor:
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
+# Outputs of packed convs with a fused clamp -> (their version counter, lo, hi): every value lies in
+# [fl32(lo), fl32(hi)]. A consumer whose STE windows hold on that whole range needs no window bits
+# (XNOR after a Hardtanh: |x| <= 1 everywhere).
+_CLAMPED_OUTPUTS = WeakIdKeyDictionary()
+
+
+def _windows_hold_everywhere(x: Tensor, v: Tensor | None) -> bool:
+    """True when x is an unmodified clamped output of a packed conv and every STE window holds on its
+    whole range (fl32(x + v) is monotone in x, so the range's ends decide)."""
+    hit = _CLAMPED_OUTPUTS.get(x)
+    if hit is None or hit[0] != x._version:
+        return False
+    lo, hi = hit[1], hit[2]
+    if v is None:
+        return bool(lo >= -1 and hi <= 1)
+    vf = v.detach().float()
+    return bool(((lo + vf) >= 0).all() and ((hi + vf) <= 1).all())
+
+
 def _needs_packed(ctx) -> tuple:
     # The dispatcher drops trailing arguments equal to their defaults (bias, clamp, residual = None): pad.
     return tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
@@ -288,16 +308,25 @@ def _setup_packed(ctx, inputs, output):
     # clamp's mask: lo < y < hi iff lo < z < hi) are saved as bits, 1/32 of x / out, which can then be
     # freed; the backward reads the bits (same arithmetic, docs/cpu_kernels.md "The backward").
     window_bits = clamp_bits = None
+    ctx.windows_everywhere = False
     backend = ctx.bits_backend = _bits_backend(x) or _bits_backend(output)  # the backward uses its kernels
     if _bits_backend(x) is not None and needs_x and not (needs_alpha or needs_v or needs_beta) \
             and get_ste_mode() == "clipped":
-        if v is None:  # sign mode: |x| <= 1
+        if (v is None or v.numel() == 1) and _windows_hold_everywhere(x, v):
+            ctx.windows_everywhere = True  # grad_x = fl32(G * beta_0): nothing to save
+        elif v is None:  # sign mode: |x| <= 1
             window_bits = backend.run_window_bits(x, None, -1.0, 1.0, False)
         else:
             window_bits = backend.run_window_bits(x, v.detach().float(), 0.0, 1.0, False)
-    if clamp is not None and _bits_backend(output) is not None:
-        clamp_bits = backend.run_window_bits(output, None, *ctx.clamp, True)
-    ctx.save_for_backward(x if window_bits is None else None, w_packed, alpha, v, beta,
+    if clamp is not None:
+        if _plain(output) and eager.plain_eager((output,), differentiable=False):
+            with np.errstate(over="ignore"):  # the float32 bounds the kernels clamp to
+                lo, hi = (float(np.float32(b)) for b in ctx.clamp)
+            _CLAMPED_OUTPUTS[output] = (output._version, lo, hi)
+        if _bits_backend(output) is not None:
+            clamp_bits = backend.run_window_bits(output, None, *ctx.clamp, True)
+    keep_x = window_bits is None and not ctx.windows_everywhere
+    ctx.save_for_backward(x if keep_x else None, w_packed, alpha, v, beta,
                           output if clamp is not None and clamp_bits is None else None, window_bits, clamp_bits)
 
 
@@ -313,14 +342,18 @@ def _backward_packed(ctx, grad: Tensor):
     # d out / d residual = 1 inside the clamp window: the masked gradient itself.
     grad_residual = grad.to(ctx.residual_dtype) if needs_residual else None
     grad_x = grad_alpha = grad_v = grad_beta = None
-    if window_bits is not None:
+    if window_bits is not None or ctx.windows_everywhere:
         if get_ste_mode() != "clipped":
             raise RuntimeError(f"ste_mode: the forward ran in 'clipped' mode and saved its window bits; "
                                f"run forward and backward in the same mode (now {get_ste_mode()!r})")
         g_act = transposed_conv(grad, effective_weight(w_packed, ctx.in_channels, alpha), ctx.x_shape,
                                 ctx.stride, ctx.padding)
         g_act = _in_layout(g_act, ctx.x_strides)
-        grad_x = ctx.bits_backend.run_masked_grad(window_bits, g_act, beta.detach().float(), out=g_act)
+        if window_bits is not None:
+            grad_x = ctx.bits_backend.run_masked_grad(window_bits, g_act, beta.detach().float(), out=g_act)
+        else:  # N = 1, window everywhere: t_0 = fl32(G * beta_0), exactly G when beta_0 is 1
+            beta0 = beta.detach().float()[0]
+            grad_x = g_act if beta0.item() == 1.0 else g_act.mul_(beta0)
     elif needs_x or needs_alpha or needs_v or needs_beta:
         w_eff = effective_weight(w_packed, ctx.in_channels, alpha) if (needs_x or needs_v) else None
         w_shape = (*w_packed.shape[:2], ctx.in_channels, *ctx.kernel_size)
