@@ -65,6 +65,24 @@ def test_limit_bounds_the_cache(pool):
     assert 0 < _C.pool_cached_bytes() <= 1.5 * (1 << 20)
 
 
+def test_the_blocks_returned_longest_ago_are_evicted_first(pool):
+    """Sizes a workload stopped using go before the one it uses: a pool full of old smaller blocks
+    still caches the current, larger size (the largest block used to go first, so every output of the
+    current size was a fresh allocation: page faults on each write)."""
+    cpp.output_pool_limit(3.5)  # MiB
+    old = [cpp._empty((1 << 18,), torch.float32) for _ in range(3)]  # 1 MiB each, no longer used
+    del old
+    gc.collect()
+    assert _C.pool_cached_bytes() == 3 << 20
+    current = cpp._empty((2, 1 << 18), torch.float32)  # 2 MiB
+    ptr = current.data_ptr()
+    del current
+    gc.collect()
+    assert _C.pool_cached_bytes() == 3 << 20  # the two oldest 1 MiB blocks went, not the 2 MiB one
+    again = cpp._empty((2, 1 << 18), torch.float32)
+    assert again.data_ptr() == ptr and _C.pool_cached_bytes() == 1 << 20
+
+
 def test_pooled_tensors_behave_like_torch_tensors(pool):
     x = torch.randn(BIG)
     out = _binary(x)
