@@ -212,7 +212,8 @@ def check_window_bits(backend: Backend, seed=520):
     both layouts, in place. Backends without the capability skip it (the backward saves x there)."""
     if not backend.capabilities.ste_backward:
         return
-    exact_v = [None, torch.tensor([0.25]), torch.tensor([0.5, 0.25, 0.75]), torch.tensor([0.125, -0.5, 1.5, 0.375])]
+    exact_v = [None, torch.tensor([0.25]), torch.tensor([0.5, 0.25, 0.75]),
+               torch.tensor([0.125, -0.5, 1.5, 0.375])]
     sizes = [(1, 1, 1, 1), (1, 3, 1, 5), (1, 1, 8, 8), (2, 3, 5, 7), (1, 65, 1, 1), (3, 17, 3, 5),
              (2, 16, 33, 32), (1, 3, 7, 3)]  # 1 .. 33,792 elements: byte / word tails, two 32,768 chunks
     for i, shape in enumerate(sizes):

@@ -182,8 +182,8 @@ class CppBackend(Backend):
 
     def run_conv(self, a: ConvArgs):
         """out float32 [B, Co, OH, OW] in channels_last memory format (or None); pairs int32
-        [M, N, B, Co, OH, OW] laid out [M, N, B, OH, OW, Co] (or None). The residual is read channels_last (copied
-        only if it is not channels_last-contiguous)."""
+        [M, N, B, Co, OH, OW] laid out [M, N, B, OH, OW, Co] (or None). The residual is read
+        channels_last (copied only if it is not channels_last-contiguous)."""
         batch, channels, height, width = a.x.shape
         (kh, kw), (sh, sw), (ph, pw), (oh, ow) = a.kernel_size, a.stride, a.padding, a.out_size
         num_w, out_ch, num_a = a.num_weight_bases, a.out_channels, a.num_act_bases
@@ -239,7 +239,6 @@ class CppBackend(Backend):
             _C.clamp_grad(grad.data_ptr(), out.data_ptr(), float(lo), float(hi), dst.data_ptr(), dst.numel(),
                           current_isa(), num_threads())
         return dst
-
 
     def run_window_bits(self, src, shift, lo, hi, open_):
         src = _dense(src)
