@@ -28,6 +28,10 @@ def _targets():
     return out
 
 
+_CPP = dispatch.get("cpp")
+needs_cpp = pytest.mark.skipif(not _CPP.available, reason=f"cpp backend: {_CPP.reason}")
+
+
 def _run_on(name, isa, fn):
     with dispatch.use_backend(name):
         dispatch.set_isa(isa)
@@ -271,15 +275,13 @@ def _float_path(monkeypatch):
     monkeypatch.setattr(ag, "_bits_backend", lambda t: None)
 
 
+@needs_cpp
 @pytest.mark.parametrize("sign_mode", [False, True], ids=["hv", "sign"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_window_bits_replace_saved_activations(monkeypatch, sign_mode, channels_last):
     """On a backend with STE kernels, a packed conv whose only gradient is the input's saves bits of its
     windows and clamp mask (1/32 of x and out) instead of x and out, and the gradients (x, bias,
     residual) equal the float path's bit for bit on every ISA; x + v exactly on the window edges."""
-    cpp = dispatch.get("cpp")
-    if not cpp.available:
-        pytest.skip(cpp.reason)
     shape = SHAPES[0] if sign_mode else SHAPES[3]
     B, C, H, W, Co, k, s, p, M, N = shape
     x, w, alpha, v, beta, bias = _layer_args(shape, 21, sign_mode)
@@ -289,7 +291,7 @@ def test_window_bits_replace_saved_activations(monkeypatch, sign_mode, channels_
     oh, ow = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
     residual = torch.randn(B, Co, oh, ow, generator=torch.Generator().manual_seed(5))
     run = lambda: _packed_grads(x, w_packed, C, k, alpha, v, beta, s, p, bias, (-1.0, 1.0), residual)  # noqa: E731
-    for isa in cpp.isa_supported():
+    for isa in _CPP.isa_supported():
         with_bits = _run_on("cpp", isa, run)
         xx = x.clone().requires_grad_()
         with dispatch.use_backend("cpp"):
@@ -304,11 +306,9 @@ def test_window_bits_replace_saved_activations(monkeypatch, sign_mode, channels_
             assert torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)), isa
 
 
+@needs_cpp
 def test_window_bits_only_when_input_gradient_alone(monkeypatch):
     """alpha / beta / v needing gradients (pair counts read x): x is saved, as before."""
-    cpp = dispatch.get("cpp")
-    if not cpp.available:
-        pytest.skip(cpp.reason)
     x, w, alpha, v, beta, _ = _layer_args(SHAPES[0], 22, False)
     xx, a = x.clone().requires_grad_(), alpha.clone().requires_grad_()
     with dispatch.use_backend("cpp"):
@@ -316,10 +316,8 @@ def test_window_bits_only_when_input_gradient_alone(monkeypatch):
     assert any(t is not None and t.shape == x.shape for t in out.grad_fn.saved_tensors)
 
 
+@needs_cpp
 def test_ste_mode_changed_between_forward_and_backward_raises():
-    cpp = dispatch.get("cpp")
-    if not cpp.available:
-        pytest.skip(cpp.reason)
     x, w, alpha, v, beta, _ = _layer_args(SHAPES[0], 23, True)
     xx = x.clone().requires_grad_()
     with dispatch.use_backend("cpp"):
@@ -378,13 +376,11 @@ def test_eager_autograd_function_equals_the_op_path(monkeypatch):
         assert torch.equal(a, b)
 
 
+@needs_cpp
 def test_no_window_bits_where_the_producer_clamp_keeps_x_inside():
     """XNOR after a Hardtanh-clamped packed conv: |x| <= 1 holds everywhere, so the consumer saves no
     window bits and grad_x = G * beta (bit for bit the float path's); an in-place change of x after the
     producer ran (version counter) brings the bits back."""
-    cpp = dispatch.get("cpp")
-    if not cpp.available:
-        pytest.skip(cpp.reason)
     gen = torch.Generator().manual_seed(25)
     x0 = torch.randn(2, 8, 6, 6, generator=gen)
     w1, w2 = (pack_bases(torch.randn(1, 8, 8, 3, 3, generator=gen)) for _ in range(2))

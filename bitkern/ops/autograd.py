@@ -309,22 +309,24 @@ def _setup_packed(ctx, inputs, output):
     # freed; the backward reads the bits (same arithmetic, docs/cpu_kernels.md "The backward").
     window_bits = clamp_bits = None
     ctx.windows_everywhere = False
-    backend = ctx.bits_backend = _bits_backend(x) or _bits_backend(output)  # the backward uses its kernels
-    if _bits_backend(x) is not None and needs_x and not (needs_alpha or needs_v or needs_beta) \
+    x_backend = _bits_backend(x)
+    out_backend = None if clamp is None else _bits_backend(output)
+    ctx.bits_backend = x_backend or out_backend  # the backward uses its kernels
+    if x_backend is not None and needs_x and not (needs_alpha or needs_v or needs_beta) \
             and get_ste_mode() == "clipped":
         if (v is None or v.numel() == 1) and _windows_hold_everywhere(x, v):
             ctx.windows_everywhere = True  # grad_x = fl32(G * beta_0): nothing to save
         elif v is None:  # sign mode: |x| <= 1
-            window_bits = backend.run_window_bits(x, None, -1.0, 1.0, False)
+            window_bits = x_backend.run_window_bits(x, None, -1.0, 1.0, False)
         else:
-            window_bits = backend.run_window_bits(x, v.detach().float(), 0.0, 1.0, False)
+            window_bits = x_backend.run_window_bits(x, v.detach().float(), 0.0, 1.0, False)
     if clamp is not None:
         if _plain(output) and eager.plain_eager((output,), differentiable=False):
             with np.errstate(over="ignore"):  # the float32 bounds the kernels clamp to
                 lo, hi = (float(np.float32(b)) for b in ctx.clamp)
             _CLAMPED_OUTPUTS[output] = (output._version, lo, hi)
-        if _bits_backend(output) is not None:
-            clamp_bits = backend.run_window_bits(output, None, *ctx.clamp, True)
+        if out_backend is not None:
+            clamp_bits = out_backend.run_window_bits(output, None, *ctx.clamp, True)
     keep_x = window_bits is None and not ctx.windows_everywhere
     ctx.save_for_backward(x if keep_x else None, w_packed, alpha, v, beta,
                           output if clamp is not None and clamp_bits is None else None, window_bits, clamp_bits)
